@@ -1,0 +1,228 @@
+"""A LLaMA-family decoder in one file: GQA attention with RoPE, RMSNorm, SwiGLU, and a KV cache.
+
+Weights follow Lit-GPT's names (see `lit_gpt/convert.py` for the HF mapping). The fused `attn.attn`
+projection stores its rows grouped per query group: the q heads of group 0, then k0, v0, then the
+q heads of group 1, and so on, so one view splits q, k and v without copying.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_gpt.config import Config
+
+
+class GPT(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=build_norm(config),
+            )
+        )
+        # Tied models (SmolLM2) have no head weight of their own: logits use the embedding matrix.
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._causal_mask: torch.Tensor | None = None
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Random init for from-scratch tests and benchmarks (HF's LLaMA init: N(0, 0.02), norms at 1)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                module.reset_parameters()
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for token ids `idx` of shape (B, T).
+
+        Without `input_pos` the whole sequence is processed causally. With `input_pos` (T positions),
+        keys and values are written to the KV cache set up by `set_kv_cache`, for generation.
+        """
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds the model's block_size {self.config.block_size}")
+        cos, sin = self.rope_cache(idx.device)
+        if input_pos is None:
+            cos, sin, mask = cos[:T], sin[:T], None
+        else:
+            cos, sin = cos[input_pos], sin[input_pos]
+            mask = self.causal_mask(idx.device)[input_pos, : self.kv_cache_length]
+        x = self.transformer.wte(idx)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, mask, input_pos)
+        x = self.transformer.ln_f(x)
+        head_weight = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head_weight)
+
+    # ------------------------------------------------------------------ caches
+    def rope_cache(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Kept out of the buffers so that `.to(dtype)`, meta-device init and FSDP never touch it.
+        if self._rope is None or self._rope[0].device != device:
+            self._rope = build_rope_cache(self.config.block_size, self.config.head_size, self.config.rope_base, device)
+        return self._rope
+
+    def causal_mask(self, device: torch.device) -> torch.Tensor:
+        size = self.config.block_size
+        if self._causal_mask is None or self._causal_mask.device != device:
+            self._causal_mask = torch.ones(size, size, dtype=torch.bool, device=device).tril()
+        return self._causal_mask
+
+    @property
+    def kv_cache_length(self) -> int:
+        cache = self.transformer.h[0].attn.kv_cache
+        if cache is None:
+            raise RuntimeError("call `model.set_kv_cache(batch_size)` before passing `input_pos`")
+        return cache.k.size(2)
+
+    def set_kv_cache(
+        self, batch_size: int, max_seq_length: int | None = None, device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        max_seq_length = max_seq_length or self.config.block_size
+        if max_seq_length > self.config.block_size:
+            raise ValueError(f"max_seq_length {max_seq_length} exceeds block_size {self.config.block_size}")
+        weight = self.transformer.wte.weight
+        device, dtype = device or weight.device, dtype or weight.dtype
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(batch_size, max_seq_length, self.config, device, dtype)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+
+class Block(nn.Module):
+    """One transformer layer made of two residual branches: norm + attention, and norm + MLP."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.norm_1 = build_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = build_norm(config)
+        self.mlp = build_mlp(config)
+        self.parallel_residual = config.parallel_residual
+
+    def attention_branch(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:
+        return self.attn(self.norm_1(x), cos, sin, mask, input_pos)
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm_2(x))
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:
+        if self.parallel_residual:
+            return x + self.attention_branch(x, cos, sin, mask, input_pos) + self.mlp_branch(x)
+        x = x + self.attention_branch(x, cos, sin, mask, input_pos)
+        return x + self.mlp_branch(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.attn = nn.Linear(config.n_embd, config.qkv_size, bias=config.bias)
+        self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=config.bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:
+        c = self.config
+        B, T, _ = x.shape
+        # (B, T, groups, q_per_kv + 2, hs) -> (B, groups, q_per_kv + 2, T, hs)
+        qkv = self.attn(x).view(B, T, c.n_query_groups, c.q_per_kv + 2, c.head_size).permute(0, 2, 3, 1, 4)
+        q, k, v = qkv.split((c.q_per_kv, 1, 1), dim=2)
+        q = q.reshape(B, c.n_head, T, c.head_size)
+        k = k.reshape(B, c.n_query_groups, T, c.head_size)
+        v = v.reshape(B, c.n_query_groups, T, c.head_size)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:
+            k, v = self.kv_cache(input_pos, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=c.n_query_groups != c.n_head
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size))
+
+
+class LLaMAMLP(nn.Module):
+    """SwiGLU: proj(silu(fc_1 x) * fc_2 x), with fc_1 the gate and fc_2 the up projection."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.fc_1 = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.fc_2 = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
+
+
+class GptNeoxMLP(nn.Module):
+    """The plain GELU MLP of GPT-NeoX-style parallel-residual models."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back, as HF's LlamaRMSNorm does."""
+
+    def __init__(self, size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_fp32 = x.float()
+        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size: int, max_seq_length: int, config: Config, device, dtype) -> None:
+        super().__init__()
+        shape = (batch_size, config.n_query_groups, max_seq_length, config.head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = self.k.to(k.dtype).index_copy_(2, input_pos, k)
+        self.v = self.v.to(v.dtype).index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+def build_norm(config: Config) -> nn.Module:
+    if config.norm_class_name == "RMSNorm":
+        return RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def build_mlp(config: Config) -> nn.Module:
+    return {"LLaMAMLP": LLaMAMLP, "GptNeoxMLP": GptNeoxMLP}[config.mlp_class_name](config)
+
+
+def build_rope_cache(seq_len: int, head_size: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (seq_len, head_size) in the rotate-half layout HF uses."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny HF models, script runners, and an isolated HF cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Tests never touch the user's HF cache or the network.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+# Three tiny LLaMA shapes the acceptance criteria name: LLaMA-2 MHA, 70B-style GQA, SmolLM2-style tied GQA.
+TINY_HF_CONFIGS = {
+    "llama2-mha": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=172,
+                       rope_theta=10000.0, tie_word_embeddings=False),
+    "llama70b-gqa": dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, intermediate_size=344,
+                         rope_theta=10000.0, tie_word_embeddings=False),
+    "smollm2-tied": dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, intermediate_size=256,
+                         rope_theta=100000.0, tie_word_embeddings=True),
+}
+
+
+@pytest.fixture(autouse=True)
+def isolated_hf_home(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
+
+
+def make_hf_llama(name: str, seed: int = 0):
+    """A random fp32 `transformers.LlamaForCausalLM` with one of the tiny shapes."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=101, num_hidden_layers=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+        **TINY_HF_CONFIGS[name],
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def run_script(script: str, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `scripts/<script>` as a user would, from the repository root."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """The script failed with a single `error: ...` line naming what to do, and no traceback."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

@@ -1,0 +1,154 @@
+"""HF <-> lit conversion: logit parity with transformers, exact round trips, and clear errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_HF_CONFIGS, assert_one_line_error, make_hf_llama, run_script
+from lit_gpt.checkpoint import load_model
+from lit_gpt.config import Config
+from lit_gpt.convert import convert_hf_checkpoint, convert_lit_checkpoint, fuse_qkv, split_qkv
+from lit_gpt.utils import UserError
+
+transformers = pytest.importorskip("transformers")
+
+
+def save_hf(model, folder, shard_size="20KB", safetensors=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    if safetensors:
+        # Many small shards, so q, k and v of one layer land in different files.
+        model.save_pretrained(folder, max_shard_size=shard_size)
+    else:
+        model.config.save_pretrained(folder)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize("name", sorted(TINY_HF_CONFIGS))
+def test_converted_weights_give_the_hf_logits(tmp_path, name):
+    hf_model = make_hf_llama(name)
+    folder = save_hf(hf_model, tmp_path / name)
+    assert len(list(folder.glob("*.safetensors"))) > 3
+    config = convert_hf_checkpoint(folder)
+    assert config.tie_embeddings == TINY_HF_CONFIGS[name]["tie_word_embeddings"]
+
+    model = load_model(folder).eval()
+    ids = torch.randint(0, 101, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf_model(ids).logits
+        actual = model(ids)
+    assert (actual - expected).abs().max().item() <= 1e-4
+
+
+def test_pytorch_bin_checkpoints_convert_too(tmp_path):
+    hf_model = make_hf_llama("llama70b-gqa")
+    folder = save_hf(hf_model, tmp_path / "bin", safetensors=False)
+    convert_hf_checkpoint(folder)
+    ids = torch.randint(0, 101, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(folder)(ids), hf_model(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_dtype_option_casts_the_weights(tmp_path):
+    folder = save_hf(make_hf_llama("smollm2-tied"), tmp_path / "m")
+    convert_hf_checkpoint(folder, dtype="bfloat16")
+    state_dict = torch.load(folder / "lit_model.pth", weights_only=True)
+    assert {t.dtype for t in state_dict.values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_HF_CONFIGS))
+def test_hf_to_lit_to_hf_is_exact(tmp_path, name):
+    hf_model = make_hf_llama(name)
+    folder = save_hf(hf_model, tmp_path / "hf")
+    convert_hf_checkpoint(folder)
+    out = convert_lit_checkpoint(folder, tmp_path / "back")
+
+    original = {k: v for k, v in hf_model.state_dict().items()
+                if not (k == "lm_head.weight" and hf_model.config.tie_word_embeddings)}
+    round_tripped = load_file(str(out))
+    assert round_tripped.keys() == original.keys()
+    for key, value in original.items():
+        assert torch.equal(round_tripped[key], value), key
+    # The written config.json describes the same model to transformers.
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
+    ids = torch.randint(0, 101, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, hf_model(ids).logits)
+
+
+def test_fuse_and_split_qkv_are_inverse():
+    config = Config(n_embd=48, n_head=6, n_query_groups=3, n_layer=1, intermediate_size=8, vocab_size=8)
+    q, k, v = torch.randn(48, 48), torch.randn(24, 48), torch.randn(24, 48)
+    fused = fuse_qkv(q, k, v, config)
+    # head_size 8, two q heads per group: group 1 is rows 32..63 = q heads 2-3, then k head 1, then v head 1.
+    assert torch.equal(fused[32:48], q[16:32])
+    assert torch.equal(fused[48:56], k[8:16])
+    assert torch.equal(fused[56:64], v[8:16])
+    for a, b in zip(split_qkv(fused, config), (q, k, v)):
+        assert torch.equal(a, b)
+
+
+def test_preset_name_from_the_folder_wins_over_config_json(tmp_path):
+    folder = save_hf(make_hf_llama("llama2-mha"), tmp_path / "custom")
+    (folder / "config.json").unlink()
+    with pytest.raises(UserError, match="--model_name"):
+        convert_hf_checkpoint(folder)
+    with pytest.raises(UserError, match="do not fit config 'SmolLM2-135M'"):
+        convert_hf_checkpoint(folder, model_name="SmolLM2-135M")
+
+
+def test_conversion_writes_nothing_when_it_fails(tmp_path):
+    folder = save_hf(make_hf_llama("llama2-mha"), tmp_path / "m")
+    with pytest.raises(UserError):
+        convert_hf_checkpoint(folder, model_name="SmolLM2-135M")
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith((".", "lit_"))) == []
+
+
+# ---------------------------------------------------------------------- errors the user can cause
+def test_missing_checkpoint_dir(tmp_path):
+    result = run_script("convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path / "nope"))
+    assert_one_line_error(result, "does not exist", "download.py")
+
+
+def test_dir_without_lit_model(tmp_path):
+    (tmp_path / "lit_config.json").write_text(json.dumps({}))
+    result = run_script("generate.py", "--checkpoint_dir", str(tmp_path))
+    assert_one_line_error(result, "has no lit_model.pth", "convert_hf_checkpoint.py")
+
+
+def test_unknown_model_name(tmp_path):
+    folder = save_hf(make_hf_llama("llama2-mha"), tmp_path / "m")
+    result = run_script("convert_hf_checkpoint.py", "--checkpoint_dir", str(folder), "--model_name", "Llama-2-7b")
+    assert_one_line_error(result, "unknown model name 'Llama-2-7b'", "Did you mean")
+
+
+def test_truncated_hf_shard(tmp_path):
+    folder = save_hf(make_hf_llama("llama2-mha"), tmp_path / "m", shard_size="1GB")
+    shard = folder / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    result = run_script("convert_hf_checkpoint.py", "--checkpoint_dir", str(folder))
+    assert_one_line_error(result, "truncated or corrupt", "download it again")
+    assert not (folder / "lit_model.pth").exists()
+
+
+def test_truncated_lit_model(tmp_path):
+    folder = save_hf(make_hf_llama("llama2-mha"), tmp_path / "m")
+    convert_hf_checkpoint(folder)
+    weights = folder / "lit_model.pth"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = run_script("convert_lit_checkpoint.py", "--checkpoint_dir", str(folder), "--output_dir", str(tmp_path / "o"))
+    assert_one_line_error(result, "truncated or corrupt")
+
+
+def test_download_without_network_says_the_hub_is_unreachable(tmp_path):
+    # Port 9 on loopback refuses connections: the same failure as no network, but instant and deterministic.
+    result = run_script("download.py", "--repo_id", "meta-llama/Llama-2-7b-hf", "--checkpoint_root", str(tmp_path),
+                        env={"HF_ENDPOINT": "http://127.0.0.1:9"}, timeout=60)
+    assert_one_line_error(result, "could not reach the Hugging Face hub", "meta-llama/Llama-2-7b-hf")
+    assert not any(tmp_path.iterdir())
+
+
+def test_download_rejects_a_malformed_repo_id():
+    assert_one_line_error(run_script("download.py", "--repo_id", "Llama-2-7b-hf"), "ORG/NAME")
