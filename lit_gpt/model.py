@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dropbp.flops import attention_flops, mlp_flops
+from dropbp.layer import DropBP
 from lit_gpt.config import Config
 
 
@@ -100,7 +102,10 @@ class GPT(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer layer made of two residual branches: norm + attention, and norm + MLP."""
+    """One transformer layer made of two residual branches: norm + attention, and norm + MLP.
+
+    Each branch runs through a DropBP layer, which may skip the branch's backward pass in training.
+    """
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -109,6 +114,11 @@ class Block(nn.Module):
         self.norm_2 = build_norm(config)
         self.mlp = build_mlp(config)
         self.parallel_residual = config.parallel_residual
+        # Relative FLOPs at full length; training sets the real ones for its sequence length and method.
+        self.dropbp_attn = DropBP(self.attention_branch, modules=(self.norm_1, self.attn),
+                                  flops=attention_flops(config, config.block_size, "full").backward)
+        self.dropbp_mlp = DropBP(self.mlp_branch, modules=(self.norm_2, self.mlp),
+                                 flops=mlp_flops(config, config.block_size, "full").backward)
 
     def attention_branch(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:
         return self.attn(self.norm_1(x), cos, sin, mask, input_pos)
@@ -118,9 +128,9 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:
         if self.parallel_residual:
-            return x + self.attention_branch(x, cos, sin, mask, input_pos) + self.mlp_branch(x)
-        x = x + self.attention_branch(x, cos, sin, mask, input_pos)
-        return x + self.mlp_branch(x)
+            return x + self.dropbp_attn(x, cos, sin, mask, input_pos) + self.dropbp_mlp(x)
+        x = x + self.dropbp_attn(x, cos, sin, mask, input_pos)
+        return x + self.dropbp_mlp(x)
 
 
 class CausalSelfAttention(nn.Module):

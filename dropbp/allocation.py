@@ -1,0 +1,95 @@
+"""Drop-rate allocation from per-branch sensitivities under a backward-FLOPs budget (the paper's Prob. 6).
+
+The printed objective min sum (1 - p_i) S_i would be minimised by dropping everything. What is meant is
+to spend the budget sum (1 - p_i) F_i <= (1 - p_avg) sum F_i where dropping hurts least. Two allocators:
+
+* `greedy_allocation`: the paper's procedure. All rates start at 0 and grow in steps of 0.1 (capped),
+  each step going to the branch with the smallest expected sensitivity S_i * p_i, until the budget holds.
+* `flops_aware_allocation`: the convex program
+
+      minimise  sum_i S_i * p_i / (1 - p_i)
+      s.t.      sum_i (1 - p_i) F_i <= (1 - p_avg) sum_i F_i,   0 <= p_i <= cap.
+
+  S_i p_i / (1 - p_i) is the variance that dropping adds to branch i's gradient once the surviving
+  gradient is rescaled by 1 / (1 - p_i) (what learning-rate compensation does). It is convex in p_i,
+  and its KKT conditions give the keep rate k_i = 1 - p_i = sqrt(S_i / (lambda F_i)), clipped to
+  [1 - cap, 1], with the multiplier lambda found by bisection so that the budget is met exactly.
+  Branches that matter little per FLOP are dropped most.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+
+def _check(sensitivities: Sequence[float], flops: Sequence[float], target: float, cap: float) -> None:
+    if len(sensitivities) != len(flops) or not flops:
+        raise ValueError("need one sensitivity and one FLOPs value per branch")
+    if any(s < 0 or not math.isfinite(s) for s in sensitivities):
+        raise ValueError("sensitivities must be finite and non-negative")
+    if any(f <= 0 for f in flops):
+        raise ValueError("branch FLOPs must be positive")
+    if not 0.0 <= cap <= 1.0:
+        raise ValueError(f"cap must lie in [0, 1], got {cap}")
+    reachable = cap  # dropping every branch at the cap drops a FLOPs-weighted cap
+    if not 0.0 <= target <= reachable + 1e-12:
+        raise ValueError(
+            f"target drop rate {target} is unreachable: with a cap of {cap} per branch the reachable "
+            f"range is [0, {reachable}]"
+        )
+
+
+def dropped_fraction(drop_rates: Sequence[float], flops: Sequence[float]) -> float:
+    """The FLOPs-weighted average drop rate."""
+    return sum(p * f for p, f in zip(drop_rates, flops)) / sum(flops)
+
+
+def greedy_allocation(sensitivities: Sequence[float], flops: Sequence[float], target: float,
+                      step: float = 0.1, cap: float = 0.9) -> list[float]:
+    """The paper's greedy: raise rates by `step`, lowest S_i * p_i first, until the budget is met."""
+    _check(sensitivities, flops, target, cap)
+    levels = int(round(cap / step))
+    counts = [0] * len(flops)  # rates are counts * step, kept as integers to avoid drift
+    while dropped_fraction([c * step for c in counts], flops) < target - 1e-12:
+        candidates = [i for i, c in enumerate(counts) if c < levels]
+        if not candidates:  # only possible when cap is not a multiple of step
+            raise ValueError(f"target drop rate {target} is unreachable with steps of {step} up to {cap}")
+        best = min(candidates, key=lambda i: (sensitivities[i] * counts[i] * step, sensitivities[i], i))
+        counts[best] += 1
+    return [round(c * step, 10) for c in counts]
+
+
+def flops_aware_allocation(sensitivities: Sequence[float], flops: Sequence[float], target: float,
+                           cap: float = 0.95) -> list[float]:
+    """Exact minimiser of sum S_i p_i / (1 - p_i) under the FLOPs budget (see the module docstring)."""
+    _check(sensitivities, flops, target, cap)
+    if cap >= 1.0:
+        raise ValueError("the convex allocator needs cap < 1 (its objective is infinite at p = 1)")
+    budget = (1 - target) * sum(flops)  # kept FLOPs allowed
+    min_keep = 1 - cap
+    tiny = 1e-12 * max(max(sensitivities), 1e-30)  # zero-sensitivity branches go to the cap
+
+    def keep_rates(lam: float) -> list[float]:
+        return [min(1.0, max(min_keep, math.sqrt(max(s, tiny) / (lam * f)))) for s, f in zip(sensitivities, flops)]
+
+    def kept(lam: float) -> float:
+        return sum(k * f for k, f in zip(keep_rates(lam), flops))
+
+    low, high = 1e-30, 1.0
+    while kept(high) > budget:  # kept FLOPs fall as lambda grows; find an upper bracket
+        high *= 4.0
+        if high > 1e300:
+            break
+    for _ in range(200):  # bisection on log(lambda)
+        mid = math.sqrt(low * high)
+        low, high = (mid, high) if kept(mid) > budget else (low, mid)
+    return [1 - k for k in keep_rates(high)]
+
+
+def expected_variance(sensitivities: Sequence[float], drop_rates: Sequence[float]) -> float:
+    """The convex allocator's objective, sum S_i p_i / (1 - p_i)."""
+    return sum(s * p / (1 - p) if p < 1 else (math.inf if s > 0 else 0.0) for s, p in zip(sensitivities, drop_rates))
+
+
+ALLOCATORS = {"greedy": greedy_allocation, "flops": flops_aware_allocation}

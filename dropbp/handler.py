@@ -1,0 +1,190 @@
+"""DropBPHandler: drop rates, per-micro-batch decisions, calibration, LR compensation and state."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from dropbp.allocation import ALLOCATORS, dropped_fraction
+from dropbp.layer import DropBP
+from dropbp.sampling import decision_generator, systematic_sample
+from dropbp.sensitivity import Metric, SensitivityResult, measure_sensitivity
+
+
+class DropBPHandler:
+    """Finds the DropBP layers of `model` and decides, before every training-mode forward, which to drop.
+
+    Decisions come from a generator seeded with (seed, step), where `step` counts training forwards
+    (micro-batches). They are therefore identical on every data-parallel rank, reproducible after a
+    resume (the step is in `state_dict`), and never touch the global RNG.
+
+    Args:
+        model: any module containing DropBP layers.
+        seed: seed of the decision generator; use the same value on every rank.
+        lr_compensation: scale each branch's learning rate by 1 / (1 - p_i) in `set_lr`.
+    """
+
+    def __init__(self, model: nn.Module, seed: int = 0, lr_compensation: bool = False) -> None:
+        self.layers: list[DropBP] = [m for m in model.modules() if isinstance(m, DropBP)]
+        if not self.layers:
+            raise ValueError("the model has no DropBP layers: wrap its residual branches with dropbp.DropBP")
+        self.model = model
+        self.seed = seed
+        self.step = 0
+        self.lr_compensation = lr_compensation
+        self.sensitivities: list[float] | None = None
+        self.last_calibration: SensitivityResult | None = None
+        self._dropped_flops_sum = 0.0  # for the mean realised drop rate
+        self._calibrating = False
+        branch_ids = {id(p) for layer in self.layers for p in layer.branch_parameters()}
+        self._outside_parameters = [p for p in model.parameters() if id(p) not in branch_ids]
+        self._hook = model.register_forward_pre_hook(self._before_forward)
+
+    # ------------------------------------------------------------------ rates
+    @property
+    def drop_rates(self) -> list[float]:
+        return [layer.drop_rate for layer in self.layers]
+
+    @property
+    def branch_flops(self) -> list[float]:
+        return [layer.flops for layer in self.layers]
+
+    def set_initial_drop_rate(self, drop_rate: float) -> None:
+        """The same rate for every branch; 1.0 always drops (for ablations)."""
+        self.set_drop_rates([drop_rate] * len(self.layers))
+
+    def set_drop_rates(self, drop_rates: Sequence[float]) -> None:
+        if len(drop_rates) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} drop rates, got {len(drop_rates)}")
+        for p in drop_rates:
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"drop rates must lie in [0, 1], got {p}")
+        for layer, p in zip(self.layers, drop_rates):
+            layer.drop_rate = float(p)
+
+    def set_branch_flops(self, flops: Sequence[float]) -> None:
+        """Per-branch backward FLOPs for allocation, e.g. from `dropbp.flops` with the real sequence length."""
+        if len(flops) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} FLOPs values, got {len(flops)}")
+        for layer, f in zip(self.layers, flops):
+            layer.flops = float(f)
+
+    # ------------------------------------------------------------------ decisions
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        if module.training and not self._calibrating:
+            self.draw()
+
+    def draw(self) -> torch.Tensor:
+        """Decide which branches the next micro-batch drops. Called automatically before training forwards."""
+        mask = systematic_sample(torch.tensor(self.drop_rates), decision_generator(self.seed, self.step))
+        for layer, dropped in zip(self.layers, mask.tolist()):
+            layer.dropped = dropped
+        self.step += 1
+        self._dropped_flops_sum += self.realised_drop_rate
+        return mask
+
+    @property
+    def dropped(self) -> list[bool]:
+        return [layer.dropped for layer in self.layers]
+
+    @property
+    def realised_drop_rate(self) -> float:
+        """Share of the branches' backward FLOPs that the current micro-batch drops."""
+        return dropped_fraction([float(d) for d in self.dropped], self.branch_flops)
+
+    @property
+    def mean_realised_drop_rate(self) -> float:
+        return self._dropped_flops_sum / self.step if self.step else 0.0
+
+    def detect_non_grad(self) -> bool:
+        """True when no trainable parameter can receive a gradient this micro-batch: skip `backward()`.
+
+        Parameters outside every branch (head, final norm, embeddings) always learn through the residual
+        path, so this only happens when they are frozen and every branch holding trainable weights is dropped.
+        """
+        if any(p.requires_grad for p in self._outside_parameters):
+            return False
+        for layer in self.layers:
+            active = not (layer.training and layer.dropped)
+            if active and any(p.requires_grad for p in layer.branch_parameters()):
+                return False
+        return True
+
+    # ------------------------------------------------------------------ calibration
+    def sensitivity_based_drop_bp(
+        self, loss_fn: Callable[[], torch.Tensor], target_drop_rate: float, metric: Metric = "grad",
+        allocator: str = "greedy", **allocator_kwargs: Any,
+    ) -> SensitivityResult:
+        """Measure each branch's sensitivity on one batch and reallocate the drop rates (Prob. 6).
+
+        `loss_fn` runs the forward pass on the calibration batch and returns the loss, without calling
+        `backward()` (the paper's snippet passes a full backprop closure; this one measures all branches
+        from a single forward pass). Training state is left exactly as it was.
+        """
+        if allocator not in ALLOCATORS:
+            raise ValueError(f"unknown allocator {allocator!r}: choose {' or '.join(ALLOCATORS)}")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self._calibrating = True
+        try:
+            result = measure_sensitivity(self.layers, loss_fn, params, metric)
+        finally:
+            self._calibrating = False
+        rates = ALLOCATORS[allocator](result.sensitivities, self.branch_flops, target_drop_rate, **allocator_kwargs)
+        self.set_drop_rates(rates)
+        self.sensitivities = result.sensitivities
+        self.last_calibration = result
+        return result
+
+    # ------------------------------------------------------------------ learning-rate compensation
+    def split_param_groups(self, groups: Sequence[dict]) -> list[dict]:
+        """Split optimizer param groups by branch, keeping each group's options, so rates can differ per branch.
+
+        Each returned group carries `dropbp_branch`: the branch index, or -1 for parameters outside branches.
+        """
+        branch_of = {id(p): i for i, layer in enumerate(self.layers) for p in layer.branch_parameters()}
+        split: list[dict] = []
+        for group in groups:
+            by_branch: dict[int, list] = {}
+            for p in group["params"]:
+                by_branch.setdefault(branch_of.get(id(p), -1), []).append(p)
+            split += [{**group, "params": ps, "dropbp_branch": i} for i, ps in sorted(by_branch.items())]
+        return split
+
+    def lr_multiplier(self, branch: int) -> float:
+        if not self.lr_compensation or branch < 0:
+            return 1.0
+        p = self.layers[branch].drop_rate
+        return 1.0 / (1.0 - p) if p < 1.0 else 1.0  # a branch that never trains needs no compensation
+
+    def set_lr(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
+        """Set the scheduled learning rate, times 1 / (1 - p_i) for branch groups when compensation is on."""
+        for group in optimizer.param_groups:
+            group["lr"] = lr * self.lr_multiplier(group.get("dropbp_branch", -1))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "step": self.step,
+            "drop_rates": self.drop_rates,
+            "branch_flops": self.branch_flops,
+            "sensitivities": self.sensitivities,
+            "lr_compensation": self.lr_compensation,
+            "dropped_flops_sum": self._dropped_flops_sum,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed, self.step = state["seed"], state["step"]
+        self.set_drop_rates(state["drop_rates"])
+        self.set_branch_flops(state["branch_flops"])
+        self.sensitivities = state["sensitivities"]
+        self.lr_compensation = state["lr_compensation"]
+        self._dropped_flops_sum = state["dropped_flops_sum"]
+
+    def remove(self) -> None:
+        """Detach the forward hook; the model then never drops again."""
+        self._hook.remove()
+        for layer in self.layers:
+            layer.dropped = False

@@ -1,0 +1,58 @@
+"""The DropBP layer: runs one residual branch, skipping its backward pass when the branch is dropped."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+
+class DropBP(nn.Module):
+    """Wrap one residual branch (e.g. norm + attention) so that its backward pass can be dropped.
+
+    Call it with the branch's own arguments. When the handler has marked the branch as dropped for the
+    current micro-batch and the layer is in training mode, the branch runs under `torch.no_grad()`: the
+    output is the same, but no autograd graph is built, so no activations are kept and no backward work
+    happens. Eval mode never drops.
+
+    Args:
+        branch: the callable computing the branch output, typically a bound method of the host module.
+        modules: the modules whose parameters the branch uses; defaults to `branch` itself when it is a module.
+        flops: backward FLOPs of the branch, used to allocate drop rates (relative values are enough).
+    """
+
+    def __init__(self, branch: Callable[..., torch.Tensor], modules: Sequence[nn.Module] | None = None,
+                 flops: float = 1.0) -> None:
+        super().__init__()
+        if modules is None:
+            if not isinstance(branch, nn.Module):
+                raise TypeError("pass `modules=` when the branch is not an nn.Module")
+            modules = (branch,)
+        # Not registered as submodules: the host module owns these weights, so state-dict names stay the same.
+        self.__dict__["branch"] = branch
+        self.__dict__["branch_modules"] = tuple(modules)
+        self.flops = float(flops)
+        self.drop_rate = 0.0
+        self.dropped = False  # decided per micro-batch by DropBPHandler
+        self.capture: list[torch.Tensor] | None = None  # set during sensitivity calibration
+
+    def branch_parameters(self) -> Iterator[nn.Parameter]:
+        seen: set[int] = set()
+        for module in self.branch_modules:
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.training and self.dropped:
+            with torch.no_grad():
+                return self.branch(*args, **kwargs)
+        output = self.branch(*args, **kwargs)
+        if self.capture is not None:
+            self.capture.append(output)
+        return output
+
+    def extra_repr(self) -> str:
+        return f"drop_rate={self.drop_rate:.3f}, flops={self.flops:.3g}"
