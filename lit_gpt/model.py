@@ -61,8 +61,9 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos, sin, mask, input_pos)
         x = self.transformer.ln_f(x)
-        head_weight = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head_weight)
+        if self.lm_head is None:
+            return F.linear(x, self.transformer.wte.weight)
+        return self.lm_head(x)
 
     # ------------------------------------------------------------------ caches
     def rope_cache(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
