@@ -1,0 +1,341 @@
+"""Convert a llama.cpp GGUF file (any quantization the `gguf` package reads) into a lit checkpoint folder.
+
+The weights are dequantized to floats, one tensor at a time, and written as `lit_model.pth`; the model
+shape comes from the `llama.*` metadata, and the tokenizer stored in the file is rebuilt as a
+`tokenizer.json` (byte-level BPE) or `tokenizer.model` (SentencePiece) next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lit_gpt.config import Config
+from lit_gpt.convert import fuse_qkv
+from lit_gpt.utils import UserError, atomic_path, atomic_save, atomic_write_text
+
+# Per-layer GGUF tensor -> lit module. attn_q/attn_k/attn_v are fused into attn.attn separately.
+_LAYER_TENSORS = {
+    "attn_norm": "norm_1",
+    "attn_output": "attn.proj",
+    "ffn_norm": "norm_2",
+    "ffn_gate": "mlp.fc_1",
+    "ffn_up": "mlp.fc_2",
+    "ffn_down": "mlp.proj",
+}
+_TOP_LEVEL_TENSORS = {"token_embd": "transformer.wte", "output_norm": "transformer.ln_f", "output": "lm_head"}
+_QKV = ("attn_q", "attn_k", "attn_v")
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight$")
+
+# llama.cpp's token types (gguf.TokenType); SentencePiece numbers its piece types the same way.
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("reading GGUF files needs the gguf package: pip install gguf") from None
+    return gguf
+
+
+# ---------------------------------------------------------------------- whole file
+def convert_gguf_checkpoint(gguf_path: Path, checkpoint_dir: Path, dtype: torch.dtype | None = None) -> Config:
+    """Write `lit_model.pth`, `lit_config.json` and the tokenizer files of a llama GGUF into `checkpoint_dir`.
+
+    Tokenizer files already in `checkpoint_dir` are replaced by the ones the GGUF file holds.
+
+    `dtype` defaults to the file's own float type for F16/BF16 files and to float32 for quantized ones.
+    """
+    gguf_path, checkpoint_dir = Path(gguf_path), Path(checkpoint_dir)
+    reader = open_gguf(gguf_path)
+    config = config_from_gguf(reader, name=checkpoint_dir.name)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    # The tokenizer is cheap and validates the file's vocabulary before the long weight conversion.
+    write_gguf_tokenizer(reader, checkpoint_dir)
+    state_dict = convert_gguf_tensors(reader, config, dtype or default_dtype(reader))
+    _check_fits_model(state_dict, config, gguf_path)
+    atomic_save(state_dict, checkpoint_dir / "lit_model.pth")
+    config.save(checkpoint_dir)
+    return config
+
+
+def open_gguf(gguf_path: Path):
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        problem = "is a folder" if gguf_path.is_dir() else "does not exist"
+        raise UserError(f"GGUF file {str(gguf_path)!r} {problem}: pass the path of a downloaded .gguf file")
+    gguf = _gguf()
+    try:
+        return gguf.GGUFReader(gguf_path)
+    except (OSError, ValueError, IndexError, KeyError, EOFError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"could not read {gguf_path} as GGUF ({reason}): it is truncated or not a GGUF file") from None
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+# ---------------------------------------------------------------------- metadata -> Config
+def config_from_gguf(reader, name: str = "") -> Config:
+    """The model shape from the `llama.*` metadata; the tensors decide vocabulary rows and tying."""
+    architecture = _field(reader, "general.architecture")
+    if architecture != "llama":
+        raise UserError(f"GGUF architecture {architecture!r} is not supported: only llama models convert")
+    if _field(reader, "llama.expert_count", 0):
+        raise UserError("mixture-of-experts llama GGUFs (Mixtral) are not supported")
+    scaling = _field(reader, "llama.rope.scaling.type", "none")
+    if scaling != "none" or "rope_freqs.weight" in _tensor_names(reader):
+        raise UserError(f"rope scaling ({scaling}) is not supported yet")
+
+    def required(key: str) -> Any:
+        value = _field(reader, f"llama.{key}")
+        if value is None:
+            raise UserError(f"the GGUF file has no llama.{key} metadata: it is incomplete; download it again")
+        return value
+
+    n_embd, n_head = int(required("embedding_length")), int(required("attention.head_count"))
+    head_size = int(_field(reader, "llama.attention.key_length", n_embd // n_head))
+    rope_dims = int(_field(reader, "llama.rope.dimension_count", head_size))
+    if rope_dims != head_size:
+        raise UserError(f"partial rotary embeddings ({rope_dims} of {head_size} dims) are not supported")
+    embedding_rows = int(_tensor(reader, "token_embd.weight").shape[-1])  # ggml shape: (n_embd, rows)
+    vocab_size = _field(reader, "llama.vocab_size")
+    if vocab_size is None:  # older files: the vocabulary is the token list
+        vocab_size = len(_field(reader, "tokenizer.ggml.tokens") or []) or embedding_rows
+    if vocab_size > embedding_rows:
+        raise UserError(f"the GGUF file lists {vocab_size} tokens but embeds only {embedding_rows}: it is corrupt")
+    return Config(
+        name=name,
+        block_size=int(_field(reader, "llama.context_length", 4096)),
+        vocab_size=int(vocab_size),
+        padded_vocab_size=embedding_rows,
+        n_layer=int(required("block_count")),
+        n_head=n_head,
+        n_embd=n_embd,
+        n_query_groups=int(_field(reader, "llama.attention.head_count_kv", n_head)),
+        head_size=head_size,
+        intermediate_size=int(required("feed_forward_length")),
+        rope_base=_float32_value(_field(reader, "llama.rope.freq_base", 10000.0)),
+        norm_eps=_float32_value(required("attention.layer_norm_rms_epsilon")),
+        tie_embeddings="output.weight" not in _tensor_names(reader),
+    )
+
+
+def _float32_value(value: float) -> float:
+    """GGUF stores floats as float32: read back 1e-5, not 9.999999747378752e-06."""
+    return float(str(np.float32(value)))
+
+
+def _tensor_names(reader) -> set[str]:
+    return {t.name for t in reader.tensors}
+
+
+def _tensor(reader, name: str):
+    for tensor in reader.tensors:
+        if tensor.name == name:
+            return tensor
+    raise UserError(f"the GGUF file has no {name} tensor: it is incomplete; download it again")
+
+
+# ---------------------------------------------------------------------- tensors -> lit state dict
+def default_dtype(reader) -> torch.dtype:
+    """Keep F16/BF16 files in their type; quantized (or mixed) files dequantize to float32."""
+    gguf = _gguf()
+    matrix_types = {t.tensor_type for t in reader.tensors if len(t.shape) == 2}
+    if matrix_types == {gguf.GGMLQuantizationType.F16}:
+        return torch.float16
+    if matrix_types == {gguf.GGMLQuantizationType.BF16}:
+        return torch.bfloat16
+    return torch.float32
+
+
+def dequantize_tensor(tensor) -> torch.Tensor:
+    """A GGUF tensor as a float32 torch tensor in PyTorch's (out_features, in_features) order."""
+    gguf = _gguf()
+    try:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise UserError(
+            f"tensor {tensor.name} is stored as {tensor.tensor_type.name}, which this gguf package cannot "
+            f"dequantize: pip install -U gguf, or use a file with another quantization"
+        ) from None
+    shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists dimensions innermost first
+    # Copy out of the read-only memory map; the copy is the one this tensor will keep.
+    return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
+
+
+def unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order (Meta's interleaved RoPE pairs) into HF's rotate-half order."""
+    rows, columns = weight.shape
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, columns).transpose(1, 2).reshape(rows, columns)
+
+
+def convert_gguf_tensors(reader, config: Config, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Dequantize tensor by tensor into lit names, holding a layer's q and k only until v arrives."""
+    lit: dict[str, torch.Tensor] = {}
+    pending_qkv: dict[int, dict[str, torch.Tensor]] = {}
+    for tensor in reader.tensors:
+        name = tensor.name
+        layer = _LAYER_NAME.match(name)
+        if layer is None:
+            prefix = name.removesuffix(".weight")
+            if prefix not in _TOP_LEVEL_TENSORS or not name.endswith(".weight"):
+                raise _unexpected(name)
+            lit[f"{_TOP_LEVEL_TENSORS[prefix]}.weight"] = dequantize_tensor(tensor).to(dtype)
+            continue
+        index, kind = int(layer.group(1)), layer.group(2)
+        if kind in _QKV:
+            parts = pending_qkv.setdefault(index, {})
+            parts[kind] = _unpermuted(dequantize_tensor(tensor), kind, config).to(dtype)
+            if len(parts) == 3:
+                lit[f"transformer.h.{index}.attn.attn.weight"] = fuse_qkv(*(parts[k] for k in _QKV), config)
+                del pending_qkv[index]
+        elif kind in _LAYER_TENSORS:
+            lit[f"transformer.h.{index}.{_LAYER_TENSORS[kind]}.weight"] = dequantize_tensor(tensor).to(dtype)
+        else:
+            raise _unexpected(name)
+    if pending_qkv:
+        index, parts = next(iter(pending_qkv.items()))
+        missing = ", ".join(sorted(set(_QKV) - set(parts)))
+        raise UserError(f"layer {index} of the GGUF file has no {missing}: the file is incomplete; download it again")
+    return lit
+
+
+def _unpermuted(weight: torch.Tensor, kind: str, config: Config) -> torch.Tensor:
+    if kind == "attn_q":
+        return unpermute_rope_rows(weight, config.n_head)
+    if kind == "attn_k":
+        return unpermute_rope_rows(weight, config.n_query_groups)
+    return weight  # v carries no rotary embedding, so llama.cpp leaves it alone
+
+
+def _unexpected(name: str) -> UserError:
+    return UserError(f"unexpected tensor {name!r} in the GGUF file: only plain llama models can be converted")
+
+
+def _check_fits_model(state_dict: dict[str, torch.Tensor], config: Config, gguf_path: Path) -> None:
+    """Names and shapes must match `GPT(config)` exactly (built on the meta device, so free)."""
+    from lit_gpt.model import GPT
+
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in GPT(config).state_dict().items()}
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(state_dict))]
+    problems += [f"unexpected {k}" for k in sorted(set(state_dict) - set(expected))]
+    problems += [f"{k} has shape {tuple(state_dict[k].shape)}, not {tuple(shape)}"
+                 for k, shape in expected.items() if k in state_dict and state_dict[k].shape != shape]
+    if problems:
+        raise UserError(f"the tensors of {gguf_path} do not fit its llama metadata ({'; '.join(problems[:3])})")
+
+
+# ---------------------------------------------------------------------- tokenizer
+def write_gguf_tokenizer(reader, checkpoint_dir: Path) -> list[Path]:
+    """Rebuild the tokenizer stored in the GGUF file, plus tokenizer_config.json and generation_config.json."""
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    model = _field(reader, "tokenizer.ggml.model")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    if model is None or not tokens:
+        raise UserError(
+            "the GGUF file holds no tokenizer: copy tokenizer.json or tokenizer.model from the original model"
+        )
+    token_types = _field(reader, "tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    if model == "gpt2":
+        tokenizer_file = _write_byte_level_bpe(reader, tokens, token_types, checkpoint_dir / "tokenizer.json")
+    elif model == "llama":
+        tokenizer_file = _write_sentencepiece(reader, tokens, token_types, checkpoint_dir / "tokenizer.model")
+    else:
+        raise UserError(f"GGUF tokenizer model {model!r} is not supported: only gpt2 (BPE) and llama (SentencePiece)")
+    return [tokenizer_file, *_write_tokenizer_configs(reader, model, tokens, checkpoint_dir)]
+
+
+def _write_byte_level_bpe(reader, tokens: list[str], token_types: list[int], path: Path) -> Path:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    # Merges are stored as "left right"; byte-level tokens spell spaces as "Ġ", so one split is safe.
+    merges = [tuple(merge.split(" ", 1)) for merge in _field(reader, "tokenizer.ggml.merges") or []]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    pre = _field(reader, "tokenizer.ggml.pre")
+    if pre == "smollm":
+        # SmolLM2 (like StarCoder) splits every digit on its own before the GPT-2 regex.
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        if pre not in (None, "default", "gpt-2"):
+            warnings.warn(f"GGUF pre-tokenizer {pre!r} is approximated by GPT-2's split; a few texts may "
+                          f"tokenize differently than with the original tokenizer.json")
+        tokenizer.pre_tokenizer = byte_level
+    tokenizer.decoder = decoders.ByteLevel()
+    # Without this, "<|im_start|>" in a chat prompt would be cut into "<", "|", ... pieces.
+    tokenizer.add_special_tokens([
+        AddedToken(token, special=True, normalized=False)
+        for token, kind in zip(tokens, token_types) if kind in (_CONTROL, _USER_DEFINED)
+    ])
+    with atomic_path(path) as tmp:
+        tokenizer.save(str(tmp))
+    return path
+
+
+def _write_sentencepiece(reader, tokens: list[str], token_types: list[int], path: Path) -> Path:
+    from sentencepiece import sentencepiece_model_pb2 as sp_model
+
+    scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+    proto = sp_model.ModelProto()
+    for token, score, kind in zip(tokens, scores, token_types):
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = token, float(score), int(kind)
+    trainer = proto.trainer_spec
+    trainer.model_type = sp_model.TrainerSpec.BPE
+    trainer.vocab_size = len(tokens)
+    trainer.byte_fallback = _BYTE in token_types
+    # SentencePiece finds its specials by spelling, so name them after the file's ids.
+    roles = (("unk", "unknown", 0), ("bos", "bos", 1), ("eos", "eos", 2), ("pad", "padding", -1))
+    for role, gguf_role, default in roles:
+        token_id = int(_field(reader, f"tokenizer.ggml.{gguf_role}_token_id", default))
+        setattr(trainer, f"{role}_id", token_id)
+        if 0 <= token_id < len(tokens):
+            setattr(trainer, f"{role}_piece", tokens[token_id])
+    normalizer = proto.normalizer_spec
+    normalizer.name = "identity"
+    normalizer.add_dummy_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    normalizer.remove_extra_whitespaces = bool(_field(reader, "tokenizer.ggml.remove_extra_whitespaces", False))
+    normalizer.escape_whitespaces = True
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(proto.SerializeToString())
+    return path
+
+
+def _write_tokenizer_configs(reader, model: str, tokens: list[str], checkpoint_dir: Path) -> list[Path]:
+    """The BOS/EOS choices llama.cpp would make, in the HF files `Tokenizer` reads."""
+    def token_id(role: str) -> int | None:
+        value = _field(reader, f"tokenizer.ggml.{role}_token_id")
+        return int(value) if value is not None and 0 <= int(value) < len(tokens) else None
+
+    bos_id, eos_id = token_id("bos"), token_id("eos")
+    # llama.cpp also stops at end-of-turn / end-of-message tokens (Llama 3 chat).
+    stop_ids = [i for i in dict.fromkeys((eos_id, token_id("eot"), token_id("eom"))) if i is not None]
+    tokenizer_config: dict[str, Any] = {
+        "bos_token": tokens[bos_id] if bos_id is not None else None,
+        "eos_token": tokens[eos_id] if eos_id is not None else None,
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", model == "llama")),
+    }
+    chat_template = _field(reader, "tokenizer.chat_template")
+    if chat_template:
+        tokenizer_config["chat_template"] = chat_template
+    generation_config = {
+        "bos_token_id": bos_id,
+        "eos_token_id": stop_ids[0] if len(stop_ids) == 1 else (stop_ids or None),
+    }
+    return [
+        atomic_write_text(checkpoint_dir / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2)),
+        atomic_write_text(checkpoint_dir / "generation_config.json", json.dumps(generation_config, indent=2)),
+    ]
