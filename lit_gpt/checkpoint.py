@@ -25,3 +25,80 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", d
             f"{checkpoint_dir / 'lit_model.pth'} does not match lit_config.json ({str(e).splitlines()[0]}); convert it again"
         ) from None
     return model.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------- fine-tuned checkpoints
+# A fine-tuning checkpoint is a folder holding
+#   lit_model.pth           the trained weights: the whole model (method "full") or only the LoRA
+#                           adapters (methods "lora" and "qlora")
+#   lit_config.json         the model config, so a full fine-tune loads like any converted checkpoint
+#   hyperparameters.yaml    every setting of the run, including `method`, `checkpoint_dir` (the base
+#                           model) and, for LoRA, `lora` (r, alpha, ...): nobody has to repeat them
+HYPERPARAMETERS_FILE = "hyperparameters.yaml"
+LORA_METHODS = ("lora", "qlora")
+
+
+def save_hyperparameters(hyperparameters: dict, folder: str | Path) -> Path:
+    import yaml
+
+    from lit_gpt.utils import atomic_write_text
+
+    return atomic_write_text(Path(folder) / HYPERPARAMETERS_FILE, yaml.safe_dump(hyperparameters, sort_keys=False))
+
+
+def load_hyperparameters(folder: str | Path) -> dict:
+    import yaml
+
+    path = Path(folder) / HYPERPARAMETERS_FILE
+    if not path.is_file():
+        raise UserError(f"{str(folder)!r} has no {HYPERPARAMETERS_FILE}: pass a folder written by finetune/*.py")
+    return yaml.safe_load(path.read_text())
+
+
+def save_finetuned(model: GPT, folder: str | Path, hyperparameters: dict) -> Path:
+    """Write weights (adapters only for LoRA methods), config and hyperparameters, each file atomically."""
+    from lit_gpt.lora import lora_state_dict
+    from lit_gpt.utils import atomic_save
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lora = hyperparameters["method"] in LORA_METHODS
+    atomic_save(lora_state_dict(model) if lora else model.state_dict(), folder / "lit_model.pth")
+    model.config.save(folder)
+    save_hyperparameters(hyperparameters, folder)
+    return folder
+
+
+def finetuned_folder(path: str | Path) -> Path:
+    """Accept a checkpoint folder or the `lit_model.pth` inside it."""
+    path = Path(path)
+    folder = path.parent if path.name.endswith(".pth") else path
+    if not (folder / "lit_model.pth").is_file():
+        raise UserError(f"{str(folder)!r} has no lit_model.pth: pass a checkpoint folder written by finetune/*.py")
+    return folder
+
+
+def load_finetuned(path: str | Path, checkpoint_dir: str | Path | None = None, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None, merge: bool = True) -> GPT:
+    """Load the output of finetune/*.py: a full model, or the base model plus its LoRA adapters.
+
+    `checkpoint_dir` overrides the base model folder recorded in the hyperparameters (for LoRA runs whose
+    base moved). LoRA adapters are merged into the base weights unless `merge=False`.
+    """
+    from lit_gpt.lora import LoRAConfig, add_lora, merge_lora
+
+    folder = finetuned_folder(path)
+    hyperparameters = load_hyperparameters(folder)
+    if hyperparameters["method"] not in LORA_METHODS:
+        return load_model(folder, device=device, dtype=dtype)
+    model = load_model(checkpoint_dir or hyperparameters["checkpoint_dir"], device=device, dtype=dtype)
+    add_lora(model, LoRAConfig(**hyperparameters["lora"]))
+    adapters = load_state_dict(folder / "lit_model.pth", mmap=False)
+    missing, unexpected = model.load_state_dict(adapters, strict=False)
+    missing_adapters = [k for k in missing if "lora_" in k]
+    if missing_adapters or unexpected:
+        raise UserError(f"{folder / 'lit_model.pth'} does not match the LoRA settings in {HYPERPARAMETERS_FILE} "
+                        f"(missing {missing_adapters[:3]}, unexpected {unexpected[:3]})")
+    if merge:
+        merge_lora(model)
+    return model.to(device=device, dtype=dtype)
