@@ -32,8 +32,8 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", d
 #   lit_model.pth           the trained weights: the whole model (method "full") or only the LoRA
 #                           adapters (methods "lora" and "qlora")
 #   lit_config.json         the model config, so a full fine-tune loads like any converted checkpoint
-#   hyperparameters.yaml    every setting of the run, including `method`, `checkpoint_dir` (the base
-#                           model) and, for LoRA, `lora` (r, alpha, ...): nobody has to repeat them
+#   hyperparameters.yaml    every setting of the run, including `finetuning` (full, lora or qlora),
+#                           `checkpoint_dir` (the base model) and, for LoRA, `lora` (r, alpha, ...): nobody has to repeat them
 HYPERPARAMETERS_FILE = "hyperparameters.yaml"
 LORA_METHODS = ("lora", "qlora")
 
@@ -62,7 +62,7 @@ def save_finetuned(model: GPT, folder: str | Path, hyperparameters: dict) -> Pat
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lora = hyperparameters["method"] in LORA_METHODS
+    lora = hyperparameters["finetuning"] in LORA_METHODS
     atomic_save(lora_state_dict(model) if lora else model.state_dict(), folder / "lit_model.pth")
     model.config.save(folder)
     save_hyperparameters(hyperparameters, folder)
@@ -89,7 +89,7 @@ def load_finetuned(path: str | Path, checkpoint_dir: str | Path | None = None, d
 
     folder = finetuned_folder(path)
     hyperparameters = load_hyperparameters(folder)
-    if hyperparameters["method"] not in LORA_METHODS:
+    if hyperparameters["finetuning"] not in LORA_METHODS:
         return load_model(folder, device=device, dtype=dtype)
     model = load_model(checkpoint_dir or hyperparameters["checkpoint_dir"], device=device, dtype=dtype)
     add_lora(model, LoRAConfig(**hyperparameters["lora"]))

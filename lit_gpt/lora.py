@@ -131,3 +131,13 @@ def unmerge_lora(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.unmerge()
+
+
+def fold_lora(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its base weight and put the plain linear back: a model without LoRA."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            m.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, m.linear)
+    return model

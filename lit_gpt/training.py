@@ -1,0 +1,544 @@
+"""The one training loop behind `finetune/full.py`, `finetune/lora.py` and `finetune/qlora.py`.
+
+The scripts differ only in what is trainable (every weight, LoRA adapters, LoRA over a 4-bit base) and
+in their defaults; everything else lives here: data, DropBP, the schedule, validation, logging,
+checkpoints and resume.
+
+A run writes into `out_dir`:
+    hyperparameters.yaml        every setting of the run
+    step-000100/                a checkpoint every `save_interval` optimizer steps (see `save_checkpoint`)
+    final/                      the trained weights, config and hyperparameters
+    drop_rates.json / .png      the per-branch drop rates (and sensitivities once calibrated)
+    logs/csv, logs/tensorboard  metrics from Lightning's loggers
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from dropbp import DropBPHandler
+from dropbp.flops import branch_flops
+from lit_gpt.config import Config
+from lit_gpt.checkpoint import LORA_METHODS, finetuned_folder, load_model, save_finetuned, save_hyperparameters
+from lit_gpt.data import IGNORE_INDEX, collate, generate_prompt, load_split, micro_batches
+from lit_gpt.lora import LoRAConfig, add_lora
+from lit_gpt.model import GPT
+from lit_gpt.tokenizer import Tokenizer
+from lit_gpt.utils import UserError, check_checkpoint_dir, load_state_dict, num_parameters
+
+Finetuning = Literal["full", "lora", "qlora"]
+TRAINING_STATE_FILE = "training_state.pth"
+
+
+@dataclass
+class TrainArgs:
+    """Optimisation settings. Steps are optimizer steps (one global batch each), never micro-batches."""
+
+    global_batch_size: int = 128
+    micro_batch_size: int = 2
+    learning_rate: float = 3e-4
+    min_learning_rate: float = 0.0  # the cosine schedule ends here
+    warmup_steps: int = 100
+    max_steps: int | None = None  # default: `epochs` passes over the training set
+    epochs: int = 1
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0  # max gradient norm; None turns clipping off
+    max_seq_length: int | None = None  # longer samples are truncated; default: the model's block_size
+    length_grouped: bool = True  # batch samples of similar length together, so micro-batches pad less
+    eval_interval: int = 100
+    eval_iters: int | None = 100  # validation micro-batches per evaluation; None: the whole test set
+    save_interval: int | None = 1000  # None: only the final checkpoint
+    log_interval: int = 1
+    sample_instruction: str = "Recommend a movie for me to watch during the weekend and explain the reason."
+    sample_tokens: int = 64  # length of the sample generated at each evaluation; 0 turns it off
+
+
+@dataclass
+class DropBPArgs:
+    """How backward passes are dropped (see dropbp/). `drop_rate` 0 trains normally."""
+
+    drop_rate: float = 0.0
+    sensitivity: Literal["auto", "none", "grad", "gradnorm"] = "auto"  # auto: gradnorm for full, grad for LoRA
+    sensitivity_at: float = 0.1  # calibrate after this fraction of the optimizer steps
+    recalibrate_every: int | None = None  # optimizer steps between later recalibrations
+    allocator: Literal["greedy", "flops"] = "greedy"
+    calibration_batch_size: int | None = None  # samples in the calibration batch; default: micro_batch_size
+    lr_compensation: bool = False  # scale each branch's learning rate by 1 / (1 - p_i)
+
+
+@dataclass
+class RunArgs:
+    """Everything one fine-tuning run needs; the CLI fills it from flags or a `--config` YAML."""
+
+    finetuning: Finetuning
+    checkpoint_dir: Path
+    data_dir: Path = Path("data/alpaca")
+    out_dir: Path | None = None  # default: out/<finetuning>/<model name>
+    precision: str | None = None  # default: 32-true on CPU, bf16-true on CUDA
+    devices: int = 1
+    seed: int = 1337
+    resume: bool | Literal["auto"] | Path = False  # True/"auto": the latest checkpoint in out_dir
+    train: TrainArgs = field(default_factory=TrainArgs)
+    dropbp: DropBPArgs = field(default_factory=DropBPArgs)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    quantize: str | None = None  # QLoRA: bnb.nf4, bnb.nf4-dq, bnb.fp4 or bnb.fp4-dq
+
+    def hyperparameters(self) -> dict[str, Any]:
+        values = asdict(self)
+        if self.finetuning not in LORA_METHODS:
+            values.pop("lora")
+        if self.finetuning != "qlora":
+            values.pop("quantize")
+        return json.loads(json.dumps(values, default=str))  # paths as strings, plain YAML
+
+
+# ---------------------------------------------------------------------- checks of user input
+def validate(args: RunArgs) -> None:
+    """Fail on user mistakes before anything heavy is loaded."""
+    t, d = args.train, args.dropbp
+    if not 0.0 <= d.drop_rate < 1.0:
+        raise UserError(f"--drop_rate must be in [0, 1), got {d.drop_rate}: 0 trains normally, 0.875 drops 7 of 8 "
+                        "backward passes, and 1 would never train the blocks")
+    if not 0.0 <= d.sensitivity_at < 1.0:
+        raise UserError(f"--sensitivity_at is a fraction of the optimizer steps in [0, 1), got {d.sensitivity_at}")
+    if t.micro_batch_size < 1 or t.global_batch_size < 1:
+        raise UserError("--train.micro_batch_size and --train.global_batch_size must be at least 1")
+    if t.global_batch_size % (t.micro_batch_size * args.devices):
+        raise UserError(f"--train.global_batch_size {t.global_batch_size} must be a multiple of micro_batch_size x "
+                        f"devices = {t.micro_batch_size * args.devices}")
+    if t.learning_rate <= 0 or t.warmup_steps < 0:
+        raise UserError("--train.learning_rate must be positive and --train.warmup_steps non-negative")
+    if args.finetuning == "qlora":
+        from lit_gpt.quantize import check_quantize_mode
+
+        check_quantize_mode(args.quantize or "")
+    elif args.quantize:
+        raise UserError("--quantize is for finetune/qlora.py; use that script to train over a 4-bit base")
+    check_checkpoint_dir(args.checkpoint_dir)
+
+
+def resolve_max_seq_length(requested: int | None, block_size: int) -> int:
+    if requested is None:
+        return block_size
+    if not 1 < requested <= block_size:
+        raise UserError(f"--train.max_seq_length {requested} is above the model's block_size {block_size}: "
+                        f"pass at most {block_size}")
+    return requested
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 from position t, ignoring IGNORE_INDEX labels."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+def cosine_lr(step: int, args: TrainArgs, max_steps: int) -> float:
+    """Linear warmup for `warmup_steps`, then cosine decay to `min_learning_rate` at `max_steps`."""
+    if step < args.warmup_steps:
+        return args.learning_rate * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, max_steps - args.warmup_steps))
+    return args.min_learning_rate + 0.5 * (args.learning_rate - args.min_learning_rate) * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------- data
+class MicroBatchStream:
+    """The i-th micro-batch of this rank, for any i: a pure function of (seed, i), so resume is exact.
+
+    Every epoch is reshuffled from (seed, epoch); rank r takes micro-batches r, r + W, r + 2W, ... of it.
+    """
+
+    def __init__(self, dataset: list[dict], micro_batch_size: int, max_seq_length: int, seed: int,
+                 length_grouped: bool, rank: int = 0, world_size: int = 1) -> None:
+        self.dataset, self.micro_batch_size, self.max_seq_length = dataset, micro_batch_size, max_seq_length
+        self.seed, self.length_grouped, self.rank, self.world_size = seed, length_grouped, rank, world_size
+        self.lengths = [min(len(s["input_ids"]), max_seq_length) for s in dataset]
+        self.per_epoch = math.ceil(len(dataset) / micro_batch_size) // world_size
+        if self.per_epoch == 0:
+            raise UserError(f"the training set has {len(dataset)} samples: too few for micro-batches of "
+                            f"{micro_batch_size} on {world_size} devices")
+        self._epoch, self._batches = -1, []
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, position = divmod(index, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._batches = micro_batches(self.lengths, self.micro_batch_size, self.seed, epoch, self.length_grouped)
+        indices = self._batches[position * self.world_size + self.rank]
+        return collate([truncate(self.dataset[i], self.max_seq_length) for i in indices])
+
+
+def truncate(sample: dict, max_seq_length: int) -> dict:
+    return {k: v[:max_seq_length] for k, v in sample.items()}
+
+
+# ---------------------------------------------------------------------- the run
+class Trainer:
+    """Holds the state of one run; `fit()` trains, validates, logs and checkpoints."""
+
+    def __init__(self, args: RunArgs) -> None:
+        validate(args)
+        self.args = args
+        self.out_dir = Path(args.out_dir or Path("out") / args.finetuning / Path(args.checkpoint_dir).name)
+        block_size = Config.from_checkpoint(args.checkpoint_dir).block_size
+        self.max_seq_length = resolve_max_seq_length(args.train.max_seq_length, block_size)
+        self.train_set = load_split(args.data_dir, "train")
+        self.test_set = load_split(args.data_dir, "test")
+        self.fabric = self._fabric()
+        self.model, self.handler = self._model()
+        self.tokenizer = Tokenizer(args.checkpoint_dir)
+        world_size = self.fabric.world_size
+        self.stream = MicroBatchStream(self.train_set, args.train.micro_batch_size, self.max_seq_length, args.seed,
+                                       args.train.length_grouped, self.fabric.global_rank, world_size)
+        self.accumulation = args.train.global_batch_size // (args.train.micro_batch_size * world_size)
+        self.max_steps = args.train.max_steps or max(1, args.train.epochs * self.stream.per_epoch // self.accumulation)
+        self.optimizer = self._optimizer()
+        self.model, self.optimizer = self.fabric.setup(self.model, self.optimizer)
+        self.step = 0  # optimizer steps done
+        self.calibration_steps = self._calibration_steps()
+        self.drop_rate_history: list[dict] = []
+
+    # -------------------------------------------------------------- construction
+    def _fabric(self):
+        import lightning as L
+        from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+
+        self.precision = self.args.precision or ("bf16-true" if torch.cuda.is_available() else "32-true")
+        loggers = [CSVLogger(self.out_dir / "logs", name="csv"), TensorBoardLogger(self.out_dir / "logs", name="tensorboard")]
+        fabric = L.Fabric(devices=self.args.devices, precision=self.precision, loggers=loggers)
+        fabric.launch()
+        fabric.seed_everything(self.args.seed)  # LoRA's initialisation; DropBP keeps its own generator
+        return fabric
+
+    def _model(self) -> tuple[GPT, DropBPHandler | None]:
+        args = self.args
+        model = load_model(args.checkpoint_dir)
+        if args.finetuning == "qlora":
+            from lit_gpt.quantize import quantize_linears
+
+            compute_dtype = torch.bfloat16 if "bf16" in self.precision else torch.float32
+            quantize_linears(model, args.quantize, compute_dtype, self.fabric.device)
+        if args.finetuning in LORA_METHODS:
+            add_lora(model, args.lora)
+        handler = None
+        if args.dropbp.drop_rate > 0:
+            handler = DropBPHandler(model, seed=args.seed, lr_compensation=args.dropbp.lr_compensation)
+            handler.set_initial_drop_rate(args.dropbp.drop_rate)
+        self.fabric.print(f"{num_parameters(model, requires_grad=True):,} trainable and "
+                          f"{num_parameters(model, requires_grad=False):,} frozen parameters")
+        return model, handler
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        t = self.args.train
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        if self.handler is not None:
+            groups = self.handler.split_param_groups(groups)
+        if self.args.finetuning == "qlora":
+            import bitsandbytes as bnb
+
+            return bnb.optim.PagedAdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+    def _calibration_steps(self) -> set[int]:
+        """The optimizer steps before which drop rates are recalibrated from sensitivity."""
+        if self.handler is None or self.sensitivity_metric == "none":
+            return set()
+        first = int(self.args.dropbp.sensitivity_at * self.max_steps)
+        every = self.args.dropbp.recalibrate_every
+        return set(range(first, self.max_steps, every)) if every else {first}
+
+    @property
+    def sensitivity_metric(self) -> str:
+        metric = self.args.dropbp.sensitivity
+        if metric == "auto":  # as in the paper: gradient norms are the cheap metric for full fine-tuning
+            return "gradnorm" if self.args.finetuning == "full" else "grad"
+        return metric
+
+    # -------------------------------------------------------------- training
+    def fit(self) -> Path:
+        args, fabric = self.args, self.fabric
+        if args.resume:
+            self.resume()
+        elif fabric.global_rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if fabric.global_rank == 0:
+            save_hyperparameters(args.hyperparameters(), self.out_dir)
+        if self.handler is not None:
+            self._set_branch_flops()
+            if not self.drop_rate_history:
+                self._record_drop_rates(calibration=None)
+        fabric.print(f"training for {self.max_steps} optimizer steps of {args.train.global_batch_size} samples "
+                     f"({self.accumulation} micro-batches of {args.train.micro_batch_size} per device)")
+        from tqdm import tqdm
+
+        progress = tqdm(total=self.max_steps, initial=self.step, desc="fine-tuning", unit="step",
+                        disable=fabric.global_rank != 0, dynamic_ncols=True)
+        saved_at = self.step if args.resume else None
+        try:
+            while self.step < self.max_steps:
+                if self.step in self.calibration_steps:
+                    self.calibrate()
+                metrics = self.train_step()
+                self.step += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics['train_loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                                     drop=f"{metrics['realised_drop_rate']:.2f}")
+                if self.step % args.train.log_interval == 0:
+                    fabric.log_dict(metrics, step=self.step)
+                if self.step % args.train.eval_interval == 0 or self.step == self.max_steps:
+                    self.evaluate()
+                if args.train.save_interval and self.step % args.train.save_interval == 0:
+                    self.save_checkpoint()
+                    saved_at = self.step
+        finally:
+            progress.close()  # before any error message, so it starts on a line of its own
+        for logger in fabric.loggers:
+            logger.finalize("success")
+        if saved_at != self.step:
+            self.save_checkpoint()
+        final = self.out_dir / "final"
+        if fabric.global_rank == 0:
+            save_finetuned(fabric_module(self.model), final, args.hyperparameters())
+        fabric.print(f"saved the trained weights to {final}")
+        return final
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over `accumulation` micro-batches; each draws its own DropBP decisions."""
+        start = time.perf_counter()
+        lr = cosine_lr(self.step, self.args.train, self.max_steps)
+        if self.handler is not None:
+            self.handler.set_lr(self.optimizer, lr)
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        loss_sum, tokens, dropped = 0.0, 0, 0.0
+        for micro in range(self.accumulation):
+            input_ids, labels = self.stream[self.step * self.accumulation + micro]
+            input_ids, labels = input_ids.to(self.fabric.device), labels.to(self.fabric.device)
+            is_accumulating = micro < self.accumulation - 1
+            with self.fabric.no_backward_sync(self.model, enabled=is_accumulating):
+                loss = next_token_loss(self.model(input_ids), labels)
+                if not torch.isfinite(loss):
+                    raise UserError(self._non_finite_loss_message(loss.item()))
+                if self.handler is None or not self.handler.detect_non_grad():
+                    self.fabric.backward(loss / self.accumulation)
+            loss_sum += float(loss.detach())
+            tokens += input_ids.numel()
+            dropped += self.handler.realised_drop_rate if self.handler is not None else 0.0
+        if self.args.train.grad_clip is not None and any(p.grad is not None for p in self.model.parameters()):
+            self.fabric.clip_gradients(self.model, self.optimizer, max_norm=self.args.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
+        return {"train_loss": loss_sum / self.accumulation, "learning_rate": lr, "tokens_per_s": tokens / seconds,
+                "realised_drop_rate": dropped / self.accumulation, "step_seconds": seconds}
+
+    def _non_finite_loss_message(self, loss: float) -> str:
+        checkpoints = self.checkpoints(self.out_dir)
+        kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was saved yet"
+        return (f"the training loss became {loss} at optimizer step {self.step + 1}; {kept}. Lower "
+                f"--train.learning_rate or check the data, then resume with --resume auto")
+
+    # -------------------------------------------------------------- DropBP calibration
+    def _set_branch_flops(self) -> None:
+        """Allocation weighs branches by their real backward FLOPs at the mean training length."""
+        mean_length = max(1, round(sum(self.stream.lengths) / len(self.stream.lengths)))
+        method = "full" if self.args.finetuning == "full" else "lora"
+        self.handler.set_branch_flops([b.backward for b in branch_flops(self.model.config, mean_length, method)])
+
+    def calibration_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.args.dropbp.calibration_batch_size or self.args.train.micro_batch_size
+        generator = torch.Generator().manual_seed(self.args.seed + self.step)  # never the global RNG
+        indices = torch.randperm(len(self.train_set), generator=generator)[:size].tolist()
+        input_ids, labels = collate([truncate(self.train_set[i], self.max_seq_length) for i in indices])
+        return input_ids.to(self.fabric.device), labels.to(self.fabric.device)
+
+    def calibrate(self) -> None:
+        input_ids, labels = self.calibration_batch()
+
+        def calibration_loss() -> torch.Tensor:
+            loss = next_token_loss(self.model(input_ids), labels)
+            if not torch.isfinite(loss):
+                raise UserError(self._non_finite_loss_message(loss.item()))
+            return loss
+
+        result = self.handler.sensitivity_based_drop_bp(
+            calibration_loss, self.args.dropbp.drop_rate,
+            metric=self.sensitivity_metric, allocator=self.args.dropbp.allocator,
+        )
+        self.fabric.print(f"step {self.step}: {result.summary()}")
+        self._record_drop_rates(calibration=result)
+
+    def _record_drop_rates(self, calibration) -> None:
+        entry = {"step": self.step, "target_drop_rate": self.args.dropbp.drop_rate,
+                 "allocator": self.args.dropbp.allocator if calibration else "uniform",
+                 "metric": calibration.metric if calibration else None,
+                 "seconds": calibration.seconds if calibration else None,
+                 "drop_rates": self.handler.drop_rates, "sensitivities": self.handler.sensitivities,
+                 "backward_flops": self.handler.branch_flops}
+        self.drop_rate_history.append(entry)
+        if self.fabric.global_rank == 0:
+            from lit_gpt.plots import plot_drop_rates
+            from lit_gpt.utils import atomic_write_text
+
+            atomic_write_text(self.out_dir / "drop_rates.json", json.dumps(self.drop_rate_history, indent=2))
+            plot_drop_rates(entry, self.out_dir / "drop_rates.png")
+
+    # -------------------------------------------------------------- validation
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        model, fabric = self.model, self.fabric
+        model.eval()
+        loss_sum = torch.zeros((), device=fabric.device, dtype=torch.float64)
+        count = torch.zeros((), device=fabric.device, dtype=torch.float64)
+        batches = micro_batches([len(s["input_ids"]) for s in self.test_set], self.args.train.micro_batch_size,
+                                seed=0, epoch=0, length_grouped=True)
+        limit = self.args.train.eval_iters
+        for indices in batches[fabric.global_rank::fabric.world_size][:limit]:
+            input_ids, labels = collate([truncate(self.test_set[i], self.max_seq_length) for i in indices])
+            logits = model(input_ids.to(fabric.device))
+            targets = labels[:, 1:].to(fabric.device)
+            loss_sum += F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                        ignore_index=IGNORE_INDEX, reduction="sum")
+            count += (targets != IGNORE_INDEX).sum()
+        loss_sum, count = fabric.all_reduce(loss_sum, reduce_op="sum"), fabric.all_reduce(count, reduce_op="sum")
+        val_loss = float(loss_sum / count.clamp(min=1))
+        metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        fabric.log_dict(metrics, step=self.step)
+        sample = self.sample_text()
+        fabric.print(f"\nstep {self.step}: val loss {val_loss:.4f}" + (f"\n{sample}" if sample else ""))
+        model.train()
+        return val_loss
+
+    def sample_text(self) -> str:
+        if not self.args.train.sample_tokens:
+            return ""
+        from lit_gpt.generate import generate_tokens
+
+        prompt = generate_prompt({"instruction": self.args.train.sample_instruction, "input": ""})
+        ids = self.tokenizer.encode(prompt, device=self.fabric.device)
+        if len(ids) >= self.max_seq_length:
+            return ""
+        stop_ids = self.tokenizer.stop_ids
+        tokens = list(generate_tokens(fabric_module(self.model), ids, self.args.train.sample_tokens, stop_ids=stop_ids))
+        return self.tokenizer.decode([t for t in tokens if t not in stop_ids])
+
+    # -------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write `out_dir/step-NNNNNN/` atomically: build it under a temporary name, then rename it.
+
+        It holds the weights (adapters only for LoRA), config and hyperparameters, as in `final/`, plus
+        `training_state.pth` with the optimizer, the DropBP handler, the step and the RNG states.
+        """
+        folder = self.out_dir / f"step-{self.step:06d}"
+        partial = self.out_dir / f".{folder.name}.partial"
+        if self.fabric.global_rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            save_finetuned(fabric_module(self.model), partial, self.args.hyperparameters())
+            torch.save(self.training_state(), partial / TRAINING_STATE_FILE)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(partial, folder)
+        self.fabric.barrier()
+        return folder
+
+    def training_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "dropbp": self.handler.state_dict() if self.handler is not None else None,
+            "drop_rate_history": self.drop_rate_history,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+
+    @staticmethod
+    def checkpoints(out_dir: Path) -> list[Path]:
+        """Complete step checkpoints in `out_dir`, oldest first (partial ones have another name)."""
+        return sorted(p for p in Path(out_dir).glob("step-*") if (p / TRAINING_STATE_FILE).is_file())
+
+    def resume(self) -> None:
+        resume = self.args.resume
+        if resume is True or resume == "auto":
+            found = self.checkpoints(self.out_dir)
+            if not found:
+                self.fabric.print(f"--resume: no checkpoint in {self.out_dir} yet, starting from scratch")
+                return
+            folder = found[-1]
+        else:
+            folder = finetuned_folder(resume)
+            if not (folder / TRAINING_STATE_FILE).is_file():
+                raise UserError(f"{folder} has no {TRAINING_STATE_FILE}: resume from a step-NNNNNN folder")
+        weights = load_state_dict(folder / "lit_model.pth", mmap=False)
+        model = fabric_module(self.model)
+        if self.args.finetuning in LORA_METHODS:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            if unexpected or any("lora_" in k for k in missing):
+                raise UserError(f"{folder} does not hold this run's LoRA adapters: check --lora.* against its "
+                                "hyperparameters.yaml")
+        else:
+            model.load_state_dict(weights)
+        state = torch.load(folder / TRAINING_STATE_FILE, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if (state["dropbp"] is None) != (self.handler is None):
+            raise UserError(f"{folder} was saved with a different --drop_rate setting: resume with the same flags")
+        if self.handler is not None:
+            self.handler.load_state_dict(state["dropbp"])
+        self.drop_rate_history = state["drop_rate_history"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step = state["step"]
+        self.fabric.print(f"resumed from {folder} at optimizer step {self.step}")
+
+
+def fabric_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside Fabric's wrapper."""
+    return getattr(model, "module", model)
+
+
+def finetune(args: RunArgs) -> Path:
+    return Trainer(args).fit()
+
+
+# ---------------------------------------------------------------------- CLI
+def cli(finetuning: Finetuning, argv: list[str] | None = None, **defaults: Any) -> None:
+    """The command line of a finetune/*.py script: flags from `RunArgs`, plus `--config FILE.yaml`.
+
+    DropBP flags sit at the top level (`--drop_rate 0.875`), optimisation under `--train.*`, LoRA under
+    `--lora.*`. A mistake the user can fix ends with one `error: ...` line.
+    """
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(description=f"{finetuning} fine-tuning with DropBP", env_prefix="DROPBP",
+                            exit_on_error=True)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of flags, e.g. configs/*.yaml")
+    skip = {"finetuning", "train", "dropbp", "lora", "quantize"}
+    parser.add_class_arguments(RunArgs, skip=skip, sub_configs=True)
+    parser.add_class_arguments(DropBPArgs, nested_key=None)
+    parser.add_class_arguments(TrainArgs, nested_key="train")
+    if finetuning in LORA_METHODS:
+        parser.add_class_arguments(LoRAConfig, nested_key="lora")
+    if finetuning == "qlora":
+        parser.add_argument("--quantize", type=str, default="bnb.nf4", help="bnb.nf4, bnb.nf4-dq, bnb.fp4 or bnb.fp4-dq")
+    parser.set_defaults(defaults)
+    config = parser.parse_args(argv)
+    values = dict(config.clone().as_dict())
+    values.pop("config", None)
+    train = TrainArgs(**values.pop("train"))
+    lora = LoRAConfig(**values.pop("lora")) if "lora" in values else LoRAConfig()
+    dropbp = DropBPArgs(**{name: values.pop(name) for name in DropBPArgs.__dataclass_fields__})
+    try:
+        finetune(RunArgs(finetuning=finetuning, train=train, dropbp=dropbp, lora=lora, **values))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,222 @@
+"""The fine-tuning scripts end to end on a tiny model: outputs, DropBP calibration, resume, merge, bad input."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_one_line_error, run_script
+from lit_gpt import GPT, Config
+from lit_gpt.checkpoint import load_finetuned, load_model
+from lit_gpt.lora import LoRALinear
+from lit_gpt.training import TRAINING_STATE_FILE, Trainer, cli
+
+# in_features must be a multiple of bitsandbytes' 4-bit block size (64) for the QLoRA run.
+TINY = dict(name="tiny", n_layer=2, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=128, vocab_size=32000,
+            block_size=96)
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
+
+
+def run_finetune(kind: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "finetune" / f"{kind}.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A random tiny checkpoint with a real 32k SentencePiece tokenizer, and Alpaca-format data prepared for it."""
+    root = tmp_path_factory.mktemp("finetune")
+    checkpoint_dir = root / "checkpoints" / "tiny"
+    checkpoint_dir.mkdir(parents=True)
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None:
+        pytest.skip("mistral-common is not installed: pip install --no-deps mistral-common")
+    shutil.copy(Path(spec.origin).parent / "data" / "tokenizer.model.v1", checkpoint_dir / "tokenizer.model")
+    config = Config(**TINY)
+    config.save(checkpoint_dir)
+    torch.manual_seed(0)
+    model = GPT(config)
+    model.reset_parameters()
+    torch.save(model.state_dict(), checkpoint_dir / "lit_model.pth")
+    records = [{"instruction": f"Repeat the word {w} three times.", "input": "", "output": " ".join([w] * 3)}
+               for w in WORDS for _ in range(6)]
+    data_file = root / "alpaca.json"
+    data_file.write_text(json.dumps(records))
+    data_dir = root / "data"
+    result = run_script("prepare_alpaca.py", "--checkpoint_dir", str(checkpoint_dir), "--data_file", str(data_file),
+                        "--destination_path", str(data_dir), "--test_size", "8")
+    assert result.returncode == 0, result.stderr
+    return {"checkpoint_dir": checkpoint_dir, "data_dir": data_dir, "root": root}
+
+
+def flags(tiny: dict, out_dir: Path, *extra: str, steps: int = 10) -> list[str]:
+    return ["--checkpoint_dir", str(tiny["checkpoint_dir"]), "--data_dir", str(tiny["data_dir"]),
+            "--out_dir", str(out_dir), "--drop_rate", "0.875", "--train.global_batch_size", "4",
+            "--train.micro_batch_size", "2", "--train.max_steps", str(steps), "--train.warmup_steps", "2",
+            "--train.eval_interval", str(steps // 2), "--train.sample_tokens", "4", *extra]
+
+
+def assert_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Failed with exactly one `error: ...` line and no traceback (the progress bar may also be on stderr)."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    (path,) = (out_dir / "logs" / "csv").glob("version_*/metrics.csv")
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def losses(rows: list[dict], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+@pytest.mark.parametrize("kind, lr", [("full", "3e-3"), ("lora", "2e-2"), ("qlora", "2e-2")])
+def test_each_script_trains_at_drop_rate_0875_and_writes_its_outputs(tiny, kind, lr):
+    if kind == "qlora":
+        pytest.importorskip("bitsandbytes")
+    out_dir = tiny["root"] / f"out-{kind}"
+    result = run_finetune(kind, *flags(tiny, out_dir, "--train.learning_rate", lr))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    rows = metrics(out_dir)
+    train_loss, val_loss = losses(rows, "train_loss"), losses(rows, "val_loss")
+    assert len(train_loss) == 10 and len(val_loss) == 2
+    assert sum(train_loss[-3:]) / 3 < 0.9 * sum(train_loss[:3]) / 3, train_loss
+    assert val_loss[-1] < val_loss[0], val_loss
+    realised = losses(rows, "realised_drop_rate")
+    assert all(0.5 <= r <= 1.0 for r in realised), realised  # 3 or 4 of the 4 branches, weighted by FLOPs
+
+    final = out_dir / "final"
+    for name in ("lit_model.pth", "lit_config.json", "hyperparameters.yaml"):
+        assert (final / name).is_file(), name
+    assert (out_dir / "hyperparameters.yaml").is_file()
+    assert list((out_dir / "logs" / "tensorboard").glob("version_*/events.out.tfevents.*"))
+    assert (out_dir / "drop_rates.png").stat().st_size > 1000
+    history = json.loads((out_dir / "drop_rates.json").read_text())
+    # Calibrated exactly once, at 10 % of the 10 optimizer steps, which moved the rates off the uniform 0.875.
+    assert [entry["step"] for entry in history] == [0, 1]
+    assert history[0]["drop_rates"] == [0.875] * 4 and history[0]["allocator"] == "uniform"
+    assert history[1]["drop_rates"] != [0.875] * 4
+    assert history[1]["metric"] == ("gradnorm" if kind == "full" else "grad")
+    assert len(history[1]["sensitivities"]) == 4
+
+    weights = torch.load(final / "lit_model.pth", weights_only=True)
+    if kind == "full":
+        assert set(weights) == set(load_model(tiny["checkpoint_dir"]).state_dict())
+    else:  # adapters only
+        assert weights and all("lora_" in k for k in weights)
+
+
+def test_qlora_base_linears_are_4bit(tiny, tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    from lit_gpt.training import RunArgs
+
+    trainer = Trainer(RunArgs(finetuning="qlora", checkpoint_dir=tiny["checkpoint_dir"], data_dir=tiny["data_dir"],
+                              out_dir=tmp_path, quantize="bnb.nf4-dq"))
+    lora_layers = [m for m in trainer.model.modules() if isinstance(m, LoRALinear)]
+    assert len(lora_layers) == 2 * 5 + 1  # qkv, proj, fc_1, fc_2, proj per block, and the head
+    assert all(isinstance(m.linear, bnb.nn.Linear4bit) for m in lora_layers)
+    assert all(m.linear.weight.bnb_quantized and not m.linear.weight.requires_grad for m in lora_layers)
+
+
+def test_sensitivity_none_keeps_the_rates_uniform(tiny, tmp_path):
+    cli("lora", argv=flags(tiny, tmp_path, "--sensitivity", "none", "--train.save_interval", "10"))
+    history = json.loads((tmp_path / "drop_rates.json").read_text())
+    assert [entry["allocator"] for entry in history] == ["uniform"]
+    state = torch.load(tmp_path / "step-000010" / TRAINING_STATE_FILE, weights_only=False)
+    assert state["dropbp"]["drop_rates"] == [0.875] * 4
+    assert state["dropbp"]["step"] == 10 * 2  # one decision per micro-batch
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny, tmp_path, monkeypatch, kind):
+    # LoRA dropout uses the global RNG, so an exact match also proves the RNG state is restored;
+    # calibration at step 4 happens right after the resume.
+    extra = ["--train.save_interval", "4", "--sensitivity_at", "0.5", "--train.learning_rate", "1e-2"]
+    if kind == "lora":
+        extra += ["--lora.dropout", "0.1"]
+    cli(kind, argv=flags(tiny, tmp_path / "straight", *extra, steps=8))
+
+    save = Trainer.save_checkpoint
+
+    def save_then_crash(self):
+        folder = save(self)
+        if self.step == 4:
+            raise KeyboardInterrupt  # the process dies right after its first checkpoint
+        return folder
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        cli(kind, argv=flags(tiny, tmp_path / "resumed", *extra, steps=8))
+    assert not (tmp_path / "resumed" / "final").exists()
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    cli(kind, argv=flags(tiny, tmp_path / "resumed", *extra, "--resume", "auto", steps=8))
+
+    straight = torch.load(tmp_path / "straight" / "final" / "lit_model.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "final" / "lit_model.pth", weights_only=True)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert not torch.equal(straight[next(iter(straight))], load_model(tiny["checkpoint_dir"]).state_dict().get(
+        next(iter(straight)), torch.empty(0)))  # it trained
+    history = json.loads((tmp_path / "resumed" / "drop_rates.json").read_text())
+    assert [entry["step"] for entry in history] == [0, 4]
+
+
+def test_merged_lora_model_gives_the_same_logits(tiny, tmp_path):
+    cli("lora", argv=flags(tiny, tmp_path / "run", "--train.learning_rate", "2e-2"))
+    result = run_script("merge_lora.py", "--lora_path", str(tmp_path / "run" / "final"), "--out_dir", str(tmp_path / "merged"))
+    assert result.returncode == 0, result.stderr
+    merged = load_model(tmp_path / "merged").eval()
+    unmerged = load_finetuned(tmp_path / "run" / "final", merge=False).eval()
+    assert any(isinstance(m, LoRALinear) and m.lora_B.abs().sum() > 0 for m in unmerged.modules())
+    ids = torch.randint(0, 32000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), unmerged(ids), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- bad input
+def test_drop_rate_outside_0_1_is_a_one_line_error(tiny, tmp_path):
+    for rate in ("1.0", "-0.1"):
+        result = run_finetune("lora", *flags(tiny, tmp_path), "--drop_rate", rate)
+        assert_one_line_error(result, "--drop_rate must be in [0, 1)", rate)
+
+
+def test_bad_flags_fail_in_process_with_one_line(tiny, tmp_path, capsys):
+    cases = [
+        (["--train.max_seq_length", "4096"], "above the model's block_size 96"),
+        (["--data_dir", str(tmp_path / "nowhere")], "prepare_alpaca.py"),
+        (["--checkpoint_dir", str(tmp_path / "missing")], "does not exist"),
+        (["--train.global_batch_size", "3"], "multiple of micro_batch_size"),
+    ]
+    for extra, fragment in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            cli("lora", argv=flags(tiny, tmp_path / "out") + extra)
+        assert exit_info.value.code == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and fragment in lines[0], (extra, lines)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
+    # An absurd learning rate overflows the float32 weights after the first update, so step 2's loss is NaN.
+    out_dir = tmp_path / "out"
+    result = run_finetune("full", *flags(tiny, out_dir, "--train.learning_rate", "1e30", "--train.warmup_steps", "0",
+                                         "--train.save_interval", "1"))
+    assert_error_line(result, "at optimizer step 2", "step-000001", "--resume auto")
+    assert [p.name for p in Trainer.checkpoints(out_dir)] == ["step-000001"]
+    assert not (out_dir / "final").exists()
+    assert not list(out_dir.glob(".*partial"))
