@@ -38,8 +38,6 @@ class DropBPHandler:
         self.last_calibration: SensitivityResult | None = None
         self._dropped_flops_sum = 0.0  # for the mean realised drop rate
         self._calibrating = False
-        branch_ids = {id(p) for layer in self.layers for p in layer.branch_parameters()}
-        self._outside_parameters = [p for p in model.parameters() if id(p) not in branch_ids]
         self._hook = model.register_forward_pre_hook(self._before_forward)
 
     # ------------------------------------------------------------------ rates
@@ -104,7 +102,9 @@ class DropBPHandler:
         Parameters outside every branch (head, final norm, embeddings) always learn through the residual
         path, so this only happens when they are frozen and every branch holding trainable weights is dropped.
         """
-        if any(p.requires_grad for p in self._outside_parameters):
+        # Looked up now, not at construction: adapters (LoRA) may have been added after the handler.
+        branch_ids = {id(p) for layer in self.layers for p in layer.branch_parameters()}
+        if any(p.requires_grad for p in self.model.parameters() if id(p) not in branch_ids):
             return False
         for layer in self.layers:
             active = not (layer.training and layer.dropped)
