@@ -115,13 +115,17 @@ class DropBPHandler:
     # ------------------------------------------------------------------ calibration
     def sensitivity_based_drop_bp(
         self, loss_fn: Callable[[], torch.Tensor], target_drop_rate: float, metric: Metric = "grad",
-        allocator: str = "greedy", **allocator_kwargs: Any,
+        allocator: str = "greedy", reduce: Callable[[list[float]], list[float]] | None = None,
+        **allocator_kwargs: Any,
     ) -> SensitivityResult:
         """Measure each branch's sensitivity on one batch and reallocate the drop rates (Prob. 6).
 
         `loss_fn` runs the forward pass on the calibration batch and returns the loss, without calling
         `backward()` (the paper's snippet passes a full backprop closure; this one measures all branches
         from a single forward pass). Training state is left exactly as it was.
+
+        Under data parallelism each rank measures its own share of the calibration batch; `reduce` (e.g. an
+        all-reduce mean) combines the sensitivities so that every rank allocates the same rates.
         """
         if allocator not in ALLOCATORS:
             raise ValueError(f"unknown allocator {allocator!r}: choose {' or '.join(ALLOCATORS)}")
@@ -131,6 +135,8 @@ class DropBPHandler:
             result = measure_sensitivity(self.layers, loss_fn, params, metric)
         finally:
             self._calibrating = False
+        if reduce is not None:
+            result.sensitivities = [float(s) for s in reduce(result.sensitivities)]
         rates = ALLOCATORS[allocator](result.sensitivities, self.branch_flops, target_drop_rate, **allocator_kwargs)
         self.set_drop_rates(rates)
         self.sensitivities = result.sensitivities

@@ -86,7 +86,9 @@ class RunArgs:
     data_dir: Path = Path("data/alpaca")
     out_dir: Path | None = None  # default: out/<finetuning>/<model name>
     precision: str | None = None  # default: 32-true on CPU, bf16-true on CUDA
-    devices: int = 1
+    devices: int = 1  # per node
+    num_nodes: int = 1
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: ddp on several devices; fsdp is not built yet
     seed: int = 1337
     resume: bool | Literal["auto"] | Path = False  # True/"auto": the latest checkpoint in out_dir
     train: TrainArgs = field(default_factory=TrainArgs)
@@ -114,9 +116,18 @@ def validate(args: RunArgs) -> None:
         raise UserError(f"--sensitivity_at is a fraction of the optimizer steps in [0, 1), got {d.sensitivity_at}")
     if t.micro_batch_size < 1 or t.global_batch_size < 1:
         raise UserError("--train.micro_batch_size and --train.global_batch_size must be at least 1")
-    if t.global_batch_size % (t.micro_batch_size * args.devices):
+    world_size = args.devices * args.num_nodes
+    if args.devices < 1 or args.num_nodes < 1:
+        raise UserError("--devices and --num_nodes must be at least 1")
+    if t.global_batch_size % (t.micro_batch_size * world_size):
         raise UserError(f"--train.global_batch_size {t.global_batch_size} must be a multiple of micro_batch_size x "
-                        f"devices = {t.micro_batch_size * args.devices}")
+                        f"devices x num_nodes = {t.micro_batch_size * world_size}")
+    if args.finetuning == "qlora" and world_size > 1:
+        raise UserError("QLoRA runs on one device: bitsandbytes' 4-bit weights cannot be sharded or replicated by "
+                        "Lightning's DDP/FSDP here. Use --devices 1, or finetune/lora.py for several devices")
+    if args.strategy == "fsdp":
+        raise UserError("--strategy fsdp is not supported yet: Lightning runs FSDP only on CUDA GPUs, and DropBP "
+                        "calibration and checkpoints under sharded weights are still to be built; use --strategy ddp")
     if t.learning_rate <= 0 or t.warmup_steps < 0:
         raise UserError("--train.learning_rate must be positive and --train.warmup_steps non-negative")
     if args.finetuning == "qlora":
@@ -196,7 +207,7 @@ class Trainer:
         self.test_set = load_split(args.data_dir, "test")
         self.fabric = self._fabric()
         self.model, self.handler = self._model()
-        self.tokenizer = Tokenizer(args.checkpoint_dir)
+        self.tokenizer = Tokenizer(args.checkpoint_dir) if args.train.sample_tokens else None  # for samples only
         world_size = self.fabric.world_size
         self.stream = MicroBatchStream(self.train_set, args.train.micro_batch_size, self.max_seq_length, args.seed,
                                        args.train.length_grouped, self.fabric.global_rank, world_size)
@@ -215,10 +226,44 @@ class Trainer:
 
         self.precision = self.args.precision or ("bf16-true" if torch.cuda.is_available() else "32-true")
         loggers = [CSVLogger(self.out_dir / "logs", name="csv"), TensorBoardLogger(self.out_dir / "logs", name="tensorboard")]
-        fabric = L.Fabric(devices=self.args.devices, precision=self.precision, loggers=loggers)
+        fabric = L.Fabric(accelerator="cuda" if torch.cuda.is_available() else "cpu", devices=self.args.devices,
+                          num_nodes=self.args.num_nodes, strategy=self._strategy(), precision=self.precision,
+                          loggers=loggers)
         fabric.launch()
         fabric.seed_everything(self.args.seed)  # LoRA's initialisation; DropBP keeps its own generator
         return fabric
+
+    def _strategy(self):
+        """Lightning's DDP for `--strategy ddp` or several devices; else a single device."""
+        from lightning.fabric.strategies import DDPStrategy
+
+        if self.args.strategy == "ddp" or self.args.devices * self.args.num_nodes > 1:
+            return DDPStrategy()
+        return "auto"
+
+    @property
+    def averages_gradients_itself(self) -> bool:
+        """Under DDP, gradients are averaged once per optimizer step by `average_gradients`, not by DDP's hooks.
+
+        DDP's hooks sync during the backward of the last micro-batch, so a step whose last micro-batch skips
+        `backward()` (every trainable branch dropped) would never sync. The drop decisions are identical on
+        every rank, so every rank holds gradients for the same tensors and one explicit all-reduce is safe.
+        """
+        from lightning.fabric.strategies import DDPStrategy
+
+        return isinstance(self.fabric.strategy, DDPStrategy) and self.fabric.world_size > 1
+
+    def average_gradients(self, bucket_elements: int = 2**25) -> None:
+        grads = [p.grad for p in fabric_module(self.model).parameters() if p.grad is not None]
+        bucket: list[torch.Tensor] = []
+        for i, grad in enumerate(grads):
+            bucket.append(grad)
+            if sum(g.numel() for g in bucket) >= bucket_elements or i == len(grads) - 1:
+                flat = torch.cat([g.reshape(-1) for g in bucket])
+                flat = self.fabric.all_reduce(flat, reduce_op="mean")
+                for g, averaged in zip(bucket, flat.split([g.numel() for g in bucket])):
+                    g.copy_(averaged.view_as(g))
+                bucket = []
 
     def _model(self) -> tuple[GPT, DropBPHandler | None]:
         args = self.args
@@ -328,7 +373,7 @@ class Trainer:
             input_ids, labels = self.stream[self.step * self.accumulation + micro]
             input_ids, labels = input_ids.to(self.fabric.device), labels.to(self.fabric.device)
             is_accumulating = micro < self.accumulation - 1
-            with self.fabric.no_backward_sync(self.model, enabled=is_accumulating):
+            with self.fabric.no_backward_sync(self.model, enabled=is_accumulating or self.averages_gradients_itself):
                 loss = next_token_loss(self.model(input_ids), labels)
                 if not torch.isfinite(loss):
                     raise UserError(self._non_finite_loss_message(loss.item()))
@@ -337,6 +382,8 @@ class Trainer:
             loss_sum += float(loss.detach())
             tokens += input_ids.numel()
             dropped += self.handler.realised_drop_rate if self.handler is not None else 0.0
+        if self.averages_gradients_itself:
+            self.average_gradients()
         if self.args.train.grad_clip is not None and any(p.grad is not None for p in self.model.parameters()):
             self.fabric.clip_gradients(self.model, self.optimizer, max_norm=self.args.train.grad_clip)
         self.optimizer.step()
@@ -359,24 +406,31 @@ class Trainer:
         self.handler.set_branch_flops([b.backward for b in branch_flops(self.model.config, mean_length, method)])
 
     def calibration_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        size = self.args.dropbp.calibration_batch_size or self.args.train.micro_batch_size
+        """This rank's share of the calibration samples, which every rank draws alike from (seed, step)."""
+        world_size, rank = self.fabric.world_size, self.fabric.global_rank
+        size = max(self.args.dropbp.calibration_batch_size or self.args.train.micro_batch_size, world_size)
         generator = torch.Generator().manual_seed(self.args.seed + self.step)  # never the global RNG
-        indices = torch.randperm(len(self.train_set), generator=generator)[:size].tolist()
+        indices = torch.randperm(len(self.train_set), generator=generator)[:size].tolist()[rank::world_size]
         input_ids, labels = collate([truncate(self.train_set[i], self.max_seq_length) for i in indices])
         return input_ids.to(self.fabric.device), labels.to(self.fabric.device)
 
     def calibrate(self) -> None:
         input_ids, labels = self.calibration_batch()
+        model = fabric_module(self.model)  # past DDP's wrapper: calibration takes no backward() for it to sync
 
         def calibration_loss() -> torch.Tensor:
-            loss = next_token_loss(self.model(input_ids), labels)
+            loss = next_token_loss(model(input_ids), labels)
             if not torch.isfinite(loss):
                 raise UserError(self._non_finite_loss_message(loss.item()))
             return loss
 
+        def average_over_ranks(sensitivities: list[float]) -> list[float]:
+            total = torch.tensor(sensitivities, dtype=torch.float64, device=self.fabric.device)
+            return self.fabric.all_reduce(total, reduce_op="mean").tolist()
+
         result = self.handler.sensitivity_based_drop_bp(
-            calibration_loss, self.args.dropbp.drop_rate,
-            metric=self.sensitivity_metric, allocator=self.args.dropbp.allocator,
+            calibration_loss, self.args.dropbp.drop_rate, metric=self.sensitivity_metric,
+            allocator=self.args.dropbp.allocator, reduce=average_over_ranks,
         )
         self.fabric.print(f"step {self.step}: {result.summary()}")
         self._record_drop_rates(calibration=result)

@@ -202,10 +202,13 @@ def test_bad_flags_fail_in_process_with_one_line(tiny, tmp_path, capsys):
         (["--data_dir", str(tmp_path / "nowhere")], "prepare_alpaca.py"),
         (["--checkpoint_dir", str(tmp_path / "missing")], "does not exist"),
         (["--train.global_batch_size", "3"], "multiple of micro_batch_size"),
+        (["--strategy", "fsdp"], "--strategy fsdp is not supported yet"),
+        (["--devices", "2", "--quantize", "bnb.nf4"], "QLoRA runs on one device"),
     ]
     for extra, fragment in cases:
+        kind = "qlora" if "--quantize" in extra else "lora"
         with pytest.raises(SystemExit) as exit_info:
-            cli("lora", argv=flags(tiny, tmp_path / "out") + extra)
+            cli(kind, argv=flags(tiny, tmp_path / "out") + extra)
         assert exit_info.value.code == 2
         lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert len(lines) == 1 and fragment in lines[0], (extra, lines)
