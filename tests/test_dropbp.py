@@ -24,13 +24,7 @@ TINY = dict(n_head=4, n_query_groups=2, n_embd=32, intermediate_size=64, vocab_s
 PARALLEL = dict(parallel_residual=True, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", bias=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: extra intra-op threads only add spin-waiting, badly so on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -17,13 +17,7 @@ from lit_gpt.config import Config
 from lit_gpt.lora import LoRAConfig, LoRALinear, add_lora
 from lit_gpt.model import GPT
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: extra intra-op threads only add spin-waiting, badly so on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 TINY = dict(n_head=4, n_query_groups=2, n_embd=32, intermediate_size=64, vocab_size=50, block_size=16)

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error
+from conftest import ROOT, add_sentencepiece_tokenizer, assert_one_line_error
 from lit_gpt import GPT, Config
 from lit_gpt.checkpoint import load_model, save_finetuned
 from lit_gpt.lora import LoRAConfig, add_lora, merge_lora
@@ -70,11 +69,7 @@ def offline_hf(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory) -> Path:
     """A random tiny checkpoint folder with mistral-common's LLaMA-shaped 32k SentencePiece tokenizer."""
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None or spec.origin is None:
-        pytest.skip("mistral-common is not installed: pip install --no-deps mistral-common")
-    folder = tmp_path_factory.mktemp("tiny_checkpoint")
-    shutil.copy(Path(spec.origin).parent / "data" / "tokenizer.model.v1", folder / "tokenizer.model")
+    folder = add_sentencepiece_tokenizer(tmp_path_factory.mktemp("tiny_checkpoint"))
     torch.manual_seed(0)
     config = Config(**TINY)
     model = GPT(config)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import ROOT, add_sentencepiece_tokenizer, assert_one_line_error, run_script
 from lit_gpt import GPT, Config
 from lit_gpt.checkpoint import load_finetuned, load_model
 from lit_gpt.lora import LoRALinear
@@ -35,12 +33,7 @@ def run_finetune(kind: str, *args: str, timeout: float = 300) -> subprocess.Comp
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A random tiny checkpoint with a real 32k SentencePiece tokenizer, and Alpaca-format data prepared for it."""
     root = tmp_path_factory.mktemp("finetune")
-    checkpoint_dir = root / "checkpoints" / "tiny"
-    checkpoint_dir.mkdir(parents=True)
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None:
-        pytest.skip("mistral-common is not installed: pip install --no-deps mistral-common")
-    shutil.copy(Path(spec.origin).parent / "data" / "tokenizer.model.v1", checkpoint_dir / "tokenizer.model")
+    checkpoint_dir = add_sentencepiece_tokenizer(root / "checkpoints" / "tiny")
     config = Config(**TINY)
     config.save(checkpoint_dir)
     torch.manual_seed(0)

