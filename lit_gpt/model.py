@@ -59,7 +59,8 @@ class GPT(nn.Module):
             mask = self.causal_mask(idx.device)[input_pos, : self.kv_cache_length]
         x = self.transformer.wte(idx)
         for block in self.transformer.h:
-            x = block(x, cos, sin, mask, input_pos)
+            if block.keep:  # Progressive Layer Dropping skips whole blocks in training (lit_gpt/methods/pld.py)
+                x = block(x, cos, sin, mask, input_pos)
         x = self.transformer.ln_f(x)
         if self.lm_head is None:
             return F.linear(x, self.transformer.wte.weight)
@@ -120,6 +121,7 @@ class Block(nn.Module):
                                   flops=attention_flops(config, config.block_size, "full").backward)
         self.dropbp_mlp = DropBP(self.mlp_branch, modules=(self.norm_2, self.mlp),
                                  flops=mlp_flops(config, config.block_size, "full").backward)
+        self.keep, self.branch_scale = True, 1.0  # set per micro-batch by Progressive Layer Dropping
 
     def attention_branch(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:
         return self.attn(self.norm_1(x), cos, sin, mask, input_pos)
@@ -128,10 +130,11 @@ class Block(nn.Module):
         return self.mlp(self.norm_2(x))
 
     def forward(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:
+        s = self.branch_scale  # x.add(y, alpha=s) is x + s * y in one kernel, and exactly x + y when s == 1
         if self.parallel_residual:
-            return x + self.dropbp_attn(x, cos, sin, mask, input_pos) + self.dropbp_mlp(x)
-        x = x + self.dropbp_attn(x, cos, sin, mask, input_pos)
-        return x + self.dropbp_mlp(x)
+            return x.add(self.dropbp_attn(x, cos, sin, mask, input_pos), alpha=s).add(self.dropbp_mlp(x), alpha=s)
+        x = x.add(self.dropbp_attn(x, cos, sin, mask, input_pos), alpha=s)
+        return x.add(self.dropbp_mlp(x), alpha=s)
 
 
 class CausalSelfAttention(nn.Module):

@@ -42,6 +42,9 @@ def quantize_linears(model: nn.Module, mode: str, compute_dtype: torch.dtype, de
         quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                       compute_dtype=compute_dtype, quant_type=quant_type,
                                       compress_statistics=double_quant, device="meta")
+        # On AVX512-BF16 CPUs, bitsandbytes repacks the weight for inference at the first eval forward, and then
+        # serves training forwards from a kernel without autograd: the input gradient through the base is lost.
+        quantized.support_avx512bf16_for_cpu = False
         quantized.weight = bnb.nn.Params4bit(linear.weight.data.to(compute_dtype), requires_grad=False,
                                              quant_type=quant_type, compress_statistics=double_quant)
         if linear.bias is not None:

@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,8 @@ from lit_gpt.config import Config
 from lit_gpt.checkpoint import LORA_METHODS, finetuned_folder, load_model, save_finetuned, save_hyperparameters
 from lit_gpt.data import IGNORE_INDEX, collate, generate_prompt, load_split, micro_batches
 from lit_gpt.lora import LoRAConfig, add_lora
+from lit_gpt.methods import MethodArgs, MethodName, build_method, check_method_args, summary_line
+from lit_gpt.methods.flops import current_training_flops, flop_counter
 from lit_gpt.model import GPT
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import UserError, check_checkpoint_dir, load_state_dict, num_parameters
@@ -93,6 +96,7 @@ class RunArgs:
     resume: bool | Literal["auto"] | Path = False  # True/"auto": the latest checkpoint in out_dir
     train: TrainArgs = field(default_factory=TrainArgs)
     dropbp: DropBPArgs = field(default_factory=DropBPArgs)
+    method: MethodArgs = field(default_factory=MethodArgs)  # --method and the baselines' flags
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     quantize: str | None = None  # QLoRA: bnb.nf4, bnb.nf4-dq, bnb.fp4 or bnb.fp4-dq
 
@@ -112,6 +116,7 @@ def validate(args: RunArgs) -> None:
     if not 0.0 <= d.drop_rate < 1.0:
         raise UserError(f"--drop_rate must be in [0, 1), got {d.drop_rate}: 0 trains normally, 0.875 drops 7 of 8 "
                         "backward passes, and 1 would never train the blocks")
+    check_method_args(args.method, d.drop_rate)
     if not 0.0 <= d.sensitivity_at < 1.0:
         raise UserError(f"--sensitivity_at is a fraction of the optimizer steps in [0, 1), got {d.sensitivity_at}")
     if t.micro_batch_size < 1 or t.global_batch_size < 1:
@@ -218,6 +223,11 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.calibration_steps = self._calibration_steps()
         self.drop_rate_history: list[dict] = []
+        self.method = build_method(self)  # --method: its hooks before each step, metrics and state
+        self.flops: dict[str, float] = {}  # one micro-batch's FLOPs, measured and in theory, for the summary
+        self.step_ms: list[float] = []
+        self.step_flops: list[float] = []  # every step's FLOPs by the cost model, for the decisions it took
+        self.val_loss: float | None = None
 
     # -------------------------------------------------------------- construction
     def _fabric(self):
@@ -333,6 +343,7 @@ class Trainer:
         saved_at = self.step if self.step else None
         try:
             while self.step < self.max_steps:
+                self.method.before_step(self)
                 if self.step in self.calibration_steps:
                     self.calibrate()
                 metrics = self.train_step()
@@ -351,6 +362,7 @@ class Trainer:
             progress.close()  # before any error message, so it starts on a line of its own
         for logger in fabric.loggers:
             logger.finalize("success")
+        fabric.print(summary_line(args.method.name, self.flops, self.step_ms, self.step_flops, self.val_loss))
         if saved_at != self.step:
             self.save_checkpoint()
         final = self.out_dir / "final"
@@ -368,17 +380,24 @@ class Trainer:
         else:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-        loss_sum, tokens, dropped = 0.0, 0, 0.0
+        loss_sum, tokens, dropped, flops, step_flops = 0.0, 0, 0.0, {}, 0.0
         for micro in range(self.accumulation):
             input_ids, labels = self.stream[self.step * self.accumulation + micro]
             input_ids, labels = input_ids.to(self.fabric.device), labels.to(self.fabric.device)
             is_accumulating = micro < self.accumulation - 1
-            with self.fabric.no_backward_sync(self.model, enabled=is_accumulating or self.averages_gradients_itself):
+            count_flops = micro == 0 and self.step == self.max_steps - 1  # one sample micro-batch for the summary
+            with (self.fabric.no_backward_sync(self.model, enabled=is_accumulating or self.averages_gradients_itself),
+                  flop_counter() if count_flops else nullcontext() as counter):
                 loss = next_token_loss(self.model(input_ids), labels)
                 if not torch.isfinite(loss):
                     raise UserError(self._non_finite_loss_message(loss.item()))
-                if self.handler is None or not self.handler.detect_non_grad():
+                if loss.requires_grad and (self.handler is None or not self.handler.detect_non_grad()):
                     self.fabric.backward(loss / self.accumulation)
+            theory = self._theory_flops(input_ids)
+            step_flops += theory
+            if count_flops:
+                flops = self.flops = {"flops_per_step_measured": float(counter.get_total_flops() * self.accumulation),
+                                      "flops_per_step_theory": theory * self.accumulation}
             loss_sum += float(loss.detach())
             tokens += input_ids.numel()
             dropped += self.handler.realised_drop_rate if self.handler is not None else 0.0
@@ -389,8 +408,17 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
+        if not flops:  # the counted step runs slower
+            self.step_ms.append(1000 * seconds)
+        self.step_flops.append(step_flops)
         return {"train_loss": loss_sum / self.accumulation, "learning_rate": lr, "tokens_per_s": tokens / seconds,
-                "realised_drop_rate": dropped / self.accumulation, "step_seconds": seconds}
+                "realised_drop_rate": dropped / self.accumulation, "step_seconds": seconds, "flops_theory": step_flops,
+                **self.method.metrics(), **flops}
+
+    def _theory_flops(self, input_ids: torch.Tensor) -> float:
+        """FLOPs (per device) of the micro-batch that just ran, by the cost model, for the decisions it took."""
+        forward, backward = current_training_flops(fabric_module(self.model), input_ids.size(1))
+        return (forward + backward) * input_ids.size(0)
 
     def _non_finite_loss_message(self, loss: float) -> str:
         checkpoints = self.checkpoints(self.out_dir)
@@ -468,7 +496,7 @@ class Trainer:
                                         ignore_index=IGNORE_INDEX, reduction="sum")
             count += (targets != IGNORE_INDEX).sum()
         loss_sum, count = fabric.all_reduce(loss_sum, reduce_op="sum"), fabric.all_reduce(count, reduce_op="sum")
-        val_loss = float(loss_sum / count.clamp(min=1))
+        val_loss = self.val_loss = float(loss_sum / count.clamp(min=1))
         metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
         fabric.log_dict(metrics, step=self.step)
         sample = self.sample_text()
@@ -513,6 +541,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "dropbp": self.handler.state_dict() if self.handler is not None else None,
             "drop_rate_history": self.drop_rate_history,
+            "method": self.method.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
@@ -550,6 +579,8 @@ class Trainer:
         if self.handler is not None:
             self.handler.load_state_dict(state["dropbp"])
         self.drop_rate_history = state["drop_rate_history"]
+        if state.get("method") is not None:
+            self.method.load_state_dict(state["method"])
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -570,15 +601,18 @@ def finetune(args: RunArgs) -> Path:
 def build_parser(finetuning: Finetuning, **defaults: Any):
     """The flags of a finetune/*.py script, from the dataclasses above, plus `--config FILE.yaml`.
 
-    DropBP flags sit at the top level (`--drop_rate 0.875`), optimisation under `--train.*`, LoRA under
-    `--lora.*`.
+    DropBP flags sit at the top level (`--drop_rate 0.875`), as do `--method` and the baselines' flags
+    (`--pld_theta`, `--gt_rho`, ...); optimisation under `--train.*`, LoRA under `--lora.*`.
     """
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(description=f"{finetuning} fine-tuning with DropBP")
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of flags, e.g. configs/*.yaml")
-    parser.add_class_arguments(RunArgs, skip={"finetuning", "train", "dropbp", "lora", "quantize"})
+    parser.add_class_arguments(RunArgs, skip={"finetuning", "train", "dropbp", "method", "lora", "quantize"})
     parser.add_class_arguments(DropBPArgs, nested_key=None)
+    parser.add_argument("--method", type=MethodName, default="dropbp",
+                        help="dropbp (with --drop_rate), pld (Progressive Layer Dropping), greentrainer, or none")
+    parser.add_class_arguments(MethodArgs, nested_key=None, skip={"name"})
     parser.add_class_arguments(TrainArgs, nested_key="train")
     if finetuning in LORA_METHODS:
         parser.add_class_arguments(LoRAConfig, nested_key="lora")
@@ -594,8 +628,9 @@ def parse_args(finetuning: Finetuning, argv: list[str] | None = None, **defaults
     train = TrainArgs(**values.pop("train"))
     lora = LoRAConfig(**values.pop("lora")) if "lora" in values else LoRAConfig()
     dropbp = DropBPArgs(**{name: values.pop(name) for name in DropBPArgs.__dataclass_fields__})
+    method = MethodArgs(values.pop("method"), **{k: values.pop(k) for k in MethodArgs.__dataclass_fields__ if k != "name"})
     paths = {k: Path(values[k]) for k in ("checkpoint_dir", "data_dir", "out_dir") if values[k] is not None}
-    return RunArgs(finetuning=finetuning, train=train, dropbp=dropbp, lora=lora, **{**values, **paths})
+    return RunArgs(finetuning=finetuning, train=train, dropbp=dropbp, method=method, lora=lora, **{**values, **paths})
 
 
 def cli(finetuning: Finetuning, argv: list[str] | None = None, **defaults: Any) -> None:
