@@ -64,6 +64,19 @@ def add_sentencepiece_tokenizer(folder: Path) -> Path:
     return folder
 
 
+def save_random_checkpoint(folder: Path, config, seed: int = 0) -> Path:
+    """A converted-checkpoint folder (lit_model.pth + lit_config.json) holding a randomly initialised GPT."""
+    from lit_gpt.model import GPT
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save(folder)
+    torch.manual_seed(seed)
+    model = GPT(config)
+    model.reset_parameters()
+    torch.save(model.state_dict(), folder / "lit_model.pth")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For tiny models: extra intra-op threads only add spin-waiting, badly so on a busy 2-core machine."""

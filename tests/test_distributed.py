@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ROOT
-from lit_gpt import GPT, Config
+from conftest import ROOT, save_random_checkpoint
+from lit_gpt import Config
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -29,14 +29,7 @@ def setup_dir(tmp_path_factory) -> dict[str, Path]:
     """A tiny random checkpoint and data whose samples all have 24 tokens, so that a mean over one big
     micro-batch equals the mean over the ranks' halves of it."""
     root = tmp_path_factory.mktemp("distributed")
-    checkpoint_dir = root / "tiny"
-    checkpoint_dir.mkdir()
-    config = Config(**TINY)
-    config.save(checkpoint_dir)
-    torch.manual_seed(0)
-    model = GPT(config)
-    model.reset_parameters()
-    torch.save(model.state_dict(), checkpoint_dir / "lit_model.pth")
+    checkpoint_dir = save_random_checkpoint(root / "tiny", Config(**TINY))
     data_dir = root / "data"
     data_dir.mkdir()
     generator = torch.Generator().manual_seed(1)

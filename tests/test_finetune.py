@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, add_sentencepiece_tokenizer, assert_one_line_error, run_script
-from lit_gpt import GPT, Config
+from conftest import ROOT, add_sentencepiece_tokenizer, assert_one_line_error, run_script, save_random_checkpoint
+from lit_gpt import Config
 from lit_gpt.checkpoint import load_finetuned, load_model
 from lit_gpt.lora import LoRALinear
 from lit_gpt.training import TRAINING_STATE_FILE, Trainer, cli
@@ -33,13 +33,7 @@ def run_finetune(kind: str, *args: str, timeout: float = 300) -> subprocess.Comp
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A random tiny checkpoint with a real 32k SentencePiece tokenizer, and Alpaca-format data prepared for it."""
     root = tmp_path_factory.mktemp("finetune")
-    checkpoint_dir = add_sentencepiece_tokenizer(root / "checkpoints" / "tiny")
-    config = Config(**TINY)
-    config.save(checkpoint_dir)
-    torch.manual_seed(0)
-    model = GPT(config)
-    model.reset_parameters()
-    torch.save(model.state_dict(), checkpoint_dir / "lit_model.pth")
+    checkpoint_dir = save_random_checkpoint(add_sentencepiece_tokenizer(root / "checkpoints" / "tiny"), Config(**TINY))
     records = [{"instruction": f"Repeat the word {w} three times.", "input": "", "output": " ".join([w] * 3)}
                for w in WORDS for _ in range(6)]
     data_file = root / "alpaca.json"
