@@ -153,10 +153,10 @@ def resolve_max_seq_length(requested: int | None, block_size: int) -> int:
     return requested
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting token t+1 from position t, ignoring IGNORE_INDEX labels."""
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of predicting token t+1 from position t, ignoring IGNORE_INDEX labels."""
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 def cosine_lr(step: int, args: TrainArgs, max_steps: int) -> float:
@@ -490,11 +490,9 @@ class Trainer:
         limit = self.args.train.eval_iters
         for indices in batches[fabric.global_rank::fabric.world_size][:limit]:
             input_ids, labels = collate([truncate(self.test_set[i], self.max_seq_length) for i in indices])
-            logits = model(input_ids.to(fabric.device))
-            targets = labels[:, 1:].to(fabric.device)
-            loss_sum += F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                        ignore_index=IGNORE_INDEX, reduction="sum")
-            count += (targets != IGNORE_INDEX).sum()
+            labels = labels.to(fabric.device)
+            loss_sum += next_token_loss(model(input_ids.to(fabric.device)), labels, reduction="sum")
+            count += (labels[:, 1:] != IGNORE_INDEX).sum()
         loss_sum, count = fabric.all_reduce(loss_sum, reduce_op="sum"), fabric.all_reduce(count, reduce_op="sum")
         val_loss = self.val_loss = float(loss_sum / count.clamp(min=1))
         metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
