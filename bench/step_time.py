@@ -1,30 +1,44 @@
-"""Training step time against the DropBP drop rate (the paper's Table 5), for full fine-tuning and LoRA.
+"""Training step time per sample (the paper's Table 5): full, LoRA and QLoRA, with DropBP, PLD and GreenTrainer.
 
-For each method the same randomly initialised model is timed at every drop rate, round-robin, so that
-the noise of a shared machine hits all rates alike. The fastest of the timed steps is reported: other
-processes only ever add time, so the minimum is the least disturbed measurement.
-Forward and backward are timed separately (the optimizer step does not depend on the drop rate and is
-left out). Two efficiency figures compare the saving with what it should be:
+For each fine-tuning kind one randomly initialised model is built, and every setting is timed on it
+round-robin, so that the noise of a shared machine hits all settings alike:
 
-* straight-line: (T(0) - T(p)) / (p * (T(0) - T(1))), 1.0 when time falls linearly in p;
-* straight-line to the p -> 1 limit: the same with T(1-), the time when every branch is dropped but the
-  backward through the loss and the head still runs. At any p < 1 some branch is kept and needs that
-  backward; at p = 1 with a frozen head (LoRA) it disappears. With a large vocabulary and a small model
-  (SmolLM2-135M: a 49,152-token head on 30 narrow layers) that jump at p = 1 is a fifth of the LoRA backward,
-  so this column shows how linear the saving is below p = 1;
-* FLOPs theory: measured saving (T(0) - T(p)) / T(0) divided by the FLOPs saving from `dropbp.flops`,
-  counted over the whole step (embedding, head and loss included).
+* baseline: plain training (every branch keeps its backward);
+* DropBP at each `--drop_rates` value (uniform rates, as before calibration);
+* PLD at its final keep level θ̄ (the end of its schedule, where it saves the most);
+* GreenTrainer at `--gt_rho`, with the tensors its DP selects from one real importance step on the batch.
 
-    python bench/step_time.py                                  # CPU, fp32, SmolLM2-135M shape
+The fastest of the timed steps is reported: other processes only ever add time, so the minimum is the least
+disturbed measurement. To keep that minimum fair for stochastic methods, each setting repeats one fixed set of
+decisions: of 64 seeded draws, the one whose FLOPs are closest to the mean of the 64 (a representative draw).
+Forward and backward are timed separately; the optimizer step does not depend on the method and is left out.
+
+Columns:
+
+* reduction: 1 - T / T(baseline);
+* efficiency (straight line, DropBP only): (T(0) - T(p)) / (p * (T(0) - T(1-))), 1.0 when time falls linearly in
+  p. T(1-) is the time with every branch's backward dropped but the rest of the step unchanged: it is the line
+  through the work DropBP can drop. For LoRA, p = 1 drops more than that: nothing trainable is left, so the
+  loop skips even the backward through the loss and the frozen head. That jump at p = 1 is not reachable at any
+  p < 1, and the column "line to p = 1" shows how much it bends the line (a fifth of SmolLM2-135M's LoRA
+  backward: its 49,152-token head is large against 30 narrow layers);
+* efficiency (FLOPs theory): the reduction divided by the FLOPs saving of the same decisions, priced over the
+  whole step (embedding, head and loss included) by `lit_gpt.methods.flops`.
+
+    python bench/step_time.py                                  # CPU, fp32, SmolLM2-135M shape, seq 256
     python bench/step_time.py --device cuda --model_name Llama-2-7b-hf --seq_len 512 --micro_batch_size 2
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,125 +48,262 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder o
 from common import default_dtype, machine_description, markdown_table, resolve_device, synchronize  # noqa: E402
 
 from dropbp import DropBPHandler  # noqa: E402
-from dropbp.flops import branch_flops, theoretical_saving  # noqa: E402
 from lit_gpt.config import Config  # noqa: E402
 from lit_gpt.lora import LoRAConfig, add_lora  # noqa: E402
+from lit_gpt.methods.flops import current_training_flops  # noqa: E402
 from lit_gpt.model import GPT  # noqa: E402
 from lit_gpt.utils import UserError, parse_dtype, run_cli  # noqa: E402
 
+KINDS = ("full", "lora", "qlora")
+CANDIDATE_DRAWS = 64
 
-def build_model(config: Config, method: str, device: torch.device, dtype: torch.dtype, seq_len: int, seed: int):
+
+@dataclass
+class Setting:
+    """One row of the table: what `apply()` turns on for a step, and its label."""
+
+    label: str
+    drop_rate: float = 0.0
+    enter: Callable[[], None] = lambda: None  # before each timed step
+    leave: Callable[[], None] = lambda: None  # after it
+    keep_head_backward: bool = False
+    flops: float | None = None  # forward + backward FLOPs per sequence of its decisions
+    note: str = ""
+
+
+def build_model(config: Config, kind: str, device: torch.device, dtype: torch.dtype, seed: int) -> GPT:
     torch.manual_seed(seed)
     with torch.device(device):
         model = GPT(config)
     model.reset_parameters()
     model.to(dtype)
-    if method == "lora":
-        add_lora(model, LoRAConfig())  # r = 8, alpha = 16 on every linear, as in the paper
-    model.train()
-    handler = DropBPHandler(model, seed=seed)
-    handler.set_branch_flops([f.backward for f in branch_flops(config, seq_len, method)])
-    return model, handler
+    if kind == "qlora":
+        from lit_gpt.quantize import quantize_linears
+
+        quantize_linears(model, "bnb.nf4", dtype, device)
+    if kind in ("lora", "qlora"):
+        add_lora(model, LoRAConfig())  # r = 8, alpha = 16 on every linear of the blocks, as in the paper
+    return model.train()
 
 
-def timed_step(model, handler, ids: torch.Tensor, device: torch.device,
-               keep_head_backward: bool = False) -> tuple[float, float]:
-    """Seconds for the forward (with loss) and the backward of one micro-batch.
+def step_flops(model: GPT, seq_len: int) -> float:
+    return sum(current_training_flops(model, seq_len))
 
-    `keep_head_backward` makes the final norm's output require grad, so the backward through the loss and
-    the head runs even when every branch is dropped (the p -> 1 limit).
-    """
+
+def representative(draw: Callable[[int], None], price: Callable[[], float]) -> tuple[int, float]:
+    """(index, FLOPs) of the seeded draw whose FLOPs are closest to the mean of `CANDIDATE_DRAWS` draws."""
+    prices = []
+    for index in range(CANDIDATE_DRAWS):
+        draw(index)
+        prices.append(price())
+    mean = statistics.fmean(prices)
+    index = min(range(CANDIDATE_DRAWS), key=lambda i: abs(prices[i] - mean))
+    return index, prices[index]
+
+
+def dropbp_setting(model: GPT, handler: DropBPHandler, p: float, seq_len: int, keep_head_backward=False) -> Setting:
+    def draw(index: int) -> None:
+        handler.set_initial_drop_rate(p)
+        handler.step = index
+        handler.draw()
+
+    index, flops = representative(draw, lambda: step_flops(model, seq_len))
+    label = "DropBP 1− (head BW kept)" if keep_head_backward else f"DropBP {p:g}"
+    draw(index)
+    dropped = sum(handler.dropped)
+    handler.set_initial_drop_rate(0.0)
+    if keep_head_backward:
+        flops = None  # the cost model prices the loop's real p = 1 step, which skips the head's backward
+
+    def enter() -> None:
+        handler.set_initial_drop_rate(p)
+        handler.step = index  # the forward's pre-hook redraws this same decision
+
+    return Setting(label, p, enter, lambda: handler.set_initial_drop_rate(0.0), keep_head_backward, flops,
+                   f"{dropped}/{len(handler.layers)} branches dropped")
+
+
+def pld_setting(model: GPT, theta_bar: float, seed: int, seq_len: int) -> Setting:
+    from lit_gpt.methods.pld import ProgressiveLayerDrop
+
+    pld = ProgressiveLayerDrop(model, theta_bar=theta_bar, gamma=0.0, seed=seed)
+    pld.theta = theta_bar
+
+    def draw(index: int) -> None:
+        pld.draws = index
+        pld.draw()
+
+    index, flops = representative(draw, lambda: step_flops(model, seq_len))
+    draw(index)
+    kept = sum(b.keep for b in pld.blocks)
+    pld.remove()  # detached between its own steps, so other settings run every block
+
+    def enter() -> None:
+        nonlocal pld
+        pld = ProgressiveLayerDrop(model, theta_bar=theta_bar, gamma=0.0, seed=seed)
+        pld.theta, pld.draws = theta_bar, index
+
+    return Setting(f"PLD θ̄={theta_bar:g}", enter=enter, leave=lambda: pld.remove(), flops=flops,
+                   note=f"{kept}/{len(pld.blocks)} blocks kept")
+
+
+def greentrainer_setting(model: GPT, rho: float, ids: torch.Tensor, seq_len: int) -> Setting:
+    from lit_gpt.methods.greentrainer import GreenTrainer, normalise, tensor_importance
+
+    gt = GreenTrainer(model, rho=rho, seq_len=seq_len)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+
+    def backward() -> None:
+        logits = model(ids[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+
+    mask = gt.choose(normalise(tensor_importance([u.params for u in gt.units], backward, optimizer)).tolist())
+    everything = [True] * len(gt.units)
+    gt.apply(mask)
+    flops = step_flops(model, seq_len)
+    gt.apply(everything)
+    return Setting(f"GreenTrainer ρ={rho:g}", enter=lambda: gt.apply(mask), leave=lambda: gt.apply(everything),
+                   flops=flops, note=f"{int(mask.sum())}/{len(gt.units)} tensors trained")
+
+
+@contextmanager
+def head_backward_kept(model: GPT, on: bool) -> Iterator[None]:
+    """Make the final norm's output require grad, so the backward through loss and head runs even at p = 1."""
+    hook = model.transformer.ln_f.register_forward_hook(lambda m, i, out: out.detach().requires_grad_()) if on else None
+    try:
+        yield
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def timed_step(model: GPT, handler: DropBPHandler, ids: torch.Tensor, device: torch.device,
+               keep_head_backward: bool) -> tuple[float, float]:
+    """Seconds for the forward (with loss) and the backward of one micro-batch."""
     model.zero_grad(set_to_none=True)
-    hook = model.transformer.ln_f.register_forward_hook(lambda m, i, out: out.detach().requires_grad_()) \
-        if keep_head_backward else None
-    synchronize(device)
-    start = time.perf_counter()
-    logits = model(ids[:, :-1])
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
-    synchronize(device)
-    middle = time.perf_counter()
-    if keep_head_backward or not handler.detect_non_grad():  # as in training: skip when nothing can learn
-        loss.backward()
-    synchronize(device)
-    if hook is not None:
-        hook.remove()
+    with head_backward_kept(model, keep_head_backward):
+        synchronize(device)
+        start = time.perf_counter()
+        logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        synchronize(device)
+        middle = time.perf_counter()
+        if loss.requires_grad and (keep_head_backward or not handler.detect_non_grad()):  # as the training loop
+            loss.backward()
+        synchronize(device)
     return middle - start, time.perf_counter() - middle
 
 
-def measure(method: str, config: Config, drop_rates: list[float], device, dtype, seq_len: int,
-            micro_batch_size: int, steps: int, warmup: int, seed: int) -> dict[float | str, tuple[float, float]]:
-    """Per-sample (forward ms, backward ms) for each drop rate, and under "1-" the p -> 1 limit."""
-    model, handler = build_model(config, method, device, dtype, seq_len, seed)
-    ids = torch.randint(0, config.vocab_size, (micro_batch_size, seq_len + 1), device=device,
-                        generator=torch.Generator(device=device).manual_seed(seed))
+def settings_for(model: GPT, handler: DropBPHandler, kind: str, ids: torch.Tensor, args: dict) -> list[Setting]:
+    seq_len = args["seq_len"]
+    settings = [Setting("baseline", flops=step_flops(model, seq_len))]
+    settings += [dropbp_setting(model, handler, p, seq_len) for p in args["drop_rates"] if p > 0]
     handler.set_initial_drop_rate(1.0)
     handler.draw()
-    skips_backward_at_1 = handler.detect_non_grad()  # LoRA on a frozen head: the p -> 1 limit differs from p = 1
-    settings = [(p, p, False) for p in drop_rates] + ([("1-", 1.0, True)] if 1.0 in drop_rates and skips_backward_at_1 else [])
-    samples: dict[float | str, list[tuple[float, float]]] = {key: [] for key, _, _ in settings}
-    for repeat in range(warmup + steps):
-        for key, p, keep_head_backward in settings:
-            handler.set_initial_drop_rate(p)
-            forward_s, backward_s = timed_step(model, handler, ids, device, keep_head_backward)
-            if repeat >= warmup:
-                samples[key].append((forward_s, backward_s))
-    per_sample_ms = 1000.0 / micro_batch_size
-    fastest = {p: min(s, key=lambda fb: fb[0] + fb[1]) for p, s in samples.items()}
-    return {p: (f * per_sample_ms, b * per_sample_ms) for p, (f, b) in fastest.items()}
+    if 1.0 in args["drop_rates"] and handler.detect_non_grad():  # LoRA with a frozen head: p = 1 skips it too
+        settings.append(dropbp_setting(model, handler, 1.0, seq_len, keep_head_backward=True))
+    handler.set_initial_drop_rate(0.0)
+    if args["pld_theta"] is not None:
+        settings.append(pld_setting(model, args["pld_theta"], args["seed"], seq_len))
+    if args["gt_rho"] is not None:
+        settings.append(greentrainer_setting(model, args["gt_rho"], ids, seq_len))
+    return settings
 
 
-def efficiency_rows(method: str, config: Config, seq_len: int,
-                    timings: dict[float | str, tuple[float, float]]) -> list[dict]:
-    total = {p: f + b for p, (f, b) in timings.items()}
-    base, all_dropped, limit = total.get(0.0), total.get(1.0), total.get("1-")
+def measure(kind: str, config: Config, device: torch.device, dtype: torch.dtype, args: dict) -> list[dict]:
+    """Per-sample forward, backward and total ms of every setting, fastest of `steps` round-robin repeats."""
+    model = build_model(config, kind, device, dtype, args["seed"])
+    handler = DropBPHandler(model, seed=args["seed"])
+    ids = torch.randint(0, config.vocab_size, (args["micro_batch_size"], args["seq_len"] + 1), device=device,
+                        generator=torch.Generator(device=device).manual_seed(args["seed"]))
+    settings = settings_for(model, handler, kind, ids, args)
+    samples: dict[str, list[tuple[float, float]]] = {s.label: [] for s in settings}
+    for repeat in range(args["warmup"] + args["steps"]):
+        for setting in settings:
+            setting.enter()
+            try:
+                forward_s, backward_s = timed_step(model, handler, ids, device, setting.keep_head_backward)
+            finally:
+                setting.leave()
+            if repeat >= args["warmup"]:
+                samples[setting.label].append((forward_s, backward_s))
+    per_sample_ms = 1000.0 / args["micro_batch_size"]
     rows = []
-    for p, (forward_ms, backward_ms) in timings.items():
-        row = dict(method=method, drop_rate=p, forward_ms=forward_ms, backward_ms=backward_ms, total_ms=total[p])
-        if base is not None and isinstance(p, float) and p > 0:
-            row["reduction"] = 1 - total[p] / base
-            row["flops_theory_saving"] = theoretical_saving(config, seq_len, method, p)
-            row["flops_efficiency"] = row["reduction"] / row["flops_theory_saving"]
-            if all_dropped is not None and p < 1:
-                row["straight_line_efficiency"] = (base - total[p]) / (p * (base - all_dropped))
-            if limit is not None and p < 1:
-                row["limit_line_efficiency"] = (base - total[p]) / (p * (base - limit))
-        rows.append(row)
+    for setting in settings:
+        forward_s, backward_s = min(samples[setting.label], key=sum)
+        rows.append(dict(kind=kind, setting=setting.label, drop_rate=setting.drop_rate,
+                         head_backward_kept=setting.keep_head_backward, forward_ms=forward_s * per_sample_ms,
+                         backward_ms=backward_s * per_sample_ms, total_ms=(forward_s + backward_s) * per_sample_ms,
+                         flops=setting.flops, note=setting.note))
+    return rows
+
+
+def add_efficiencies(rows: list[dict]) -> list[dict]:
+    """Reduction against the baseline and the two efficiency figures, per fine-tuning kind."""
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        group = [r for r in rows if r["kind"] == kind]
+        base = group[0]
+        dropbp = {r["drop_rate"]: r["total_ms"] for r in group if r["setting"].startswith("DropBP")
+                  and not r["head_backward_kept"]}
+        limit = next((r["total_ms"] for r in group if r["head_backward_kept"]), dropbp.get(1.0))
+        for row in group[1:]:
+            row["reduction"] = 1 - row["total_ms"] / base["total_ms"]
+            if row["flops"] is not None and base["flops"]:
+                row["flops_saving"] = 1 - row["flops"] / base["flops"]
+                if row["flops_saving"] > 0:
+                    row["flops_efficiency"] = row["reduction"] / row["flops_saving"]
+            p = row["drop_rate"]
+            if row["setting"].startswith("DropBP") and 0 < p < 1 and not row["head_backward_kept"]:
+                if limit is not None:
+                    row["straight_line_efficiency"] = (base["total_ms"] - row["total_ms"]) / (p * (base["total_ms"] - limit))
+                if 1.0 in dropbp:
+                    row["line_to_1_efficiency"] = (base["total_ms"] - row["total_ms"]) / (p * (base["total_ms"] - dropbp[1.0]))
     return rows
 
 
 def render_table(rows: list[dict]) -> str:
-    headers = ["method", "drop rate", "FW ms", "BW ms", "total ms", "reduction", "FLOPs-theory saving",
-               "efficiency (straight line)", "efficiency (line to p→1)", "efficiency (FLOPs theory)"]
+    headers = ["fine-tuning", "setting", "FW ms", "BW ms", "total ms", "reduction", "FLOPs saving",
+               "efficiency (straight line)", "efficiency (line to p = 1)", "efficiency (FLOPs theory)", "decisions"]
+
     def pct(row, key):
         return f"{row[key]:.1%}" if key in row else "–"
+
     def ratio(row, key):
         return f"{row[key]:.3f}" if key in row else "–"
-    body = [[r["method"], "1− (head BW kept)" if r["drop_rate"] == "1-" else r["drop_rate"], f"{r['forward_ms']:.1f}", f"{r['backward_ms']:.1f}", f"{r['total_ms']:.1f}",
-             pct(r, "reduction"), pct(r, "flops_theory_saving"), ratio(r, "straight_line_efficiency"),
-             ratio(r, "limit_line_efficiency"), ratio(r, "flops_efficiency")] for r in rows]
+
+    body = [[r["kind"], r["setting"], f"{r['forward_ms']:.1f}", f"{r['backward_ms']:.1f}", f"{r['total_ms']:.1f}",
+             pct(r, "reduction"), pct(r, "flops_saving"), ratio(r, "straight_line_efficiency"),
+             ratio(r, "line_to_1_efficiency"), ratio(r, "flops_efficiency"), r["note"]] for r in rows]
     return markdown_table(headers, body)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Stacked forward/backward bars per setting, one panel per fine-tuning kind, with the FLOPs-theory total."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r["drop_rate"], r["total_ms"], r.get("flops_theory_saving")) for r in rows
-                        if r["method"] == method and isinstance(r["drop_rate"], float))
-        line = ax.plot([p for p, *_ in points], [t for _, t, _ in points], "o-", label=f"{method}: measured")[0]
-        base = dict((p, t) for p, t, _ in points).get(0.0)
-        if base is not None:
-            ax.plot([p for p, *_ in points], [base * (1 - (s or 0.0)) for _, _, s in points], "--",
-                    color=line.get_color(), alpha=0.6, label=f"{method}: FLOPs theory")
-    ax.set_xlabel("drop rate p")
-    ax.set_ylabel("forward + backward ms per sample")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 4.6), sharey=False, squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        group = [r for r in rows if r["kind"] == kind]
+        x = range(len(group))
+        forward = [r["forward_ms"] for r in group]
+        ax.bar(x, forward, color="#9ecae1", label="forward")
+        ax.bar(x, [r["backward_ms"] for r in group], bottom=forward, color="#3182bd", label="backward")
+        base = group[0]
+        theory = [base["total_ms"] * r["flops"] / base["flops"] if r["flops"] and base["flops"] else None for r in group]
+        ax.plot([i for i, t in zip(x, theory) if t], [t for t in theory if t], "k_", markersize=18, mew=2,
+                label="FLOPs theory")
+        ax.set_xticks(list(x), [r["setting"].replace("DropBP 1− (head BW kept)", "DropBP 1−") for r in group],
+                      rotation=60, ha="right", fontsize=8)
+        ax.set_title(kind)
+        ax.set_ylabel("ms per sample")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -160,8 +311,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main(
     model_name: str = "SmolLM2-135M",
-    methods: list[str] = ["full", "lora"],
-    drop_rates: list[float] = [0.0, 0.5, 0.75, 0.875, 1.0],
+    methods: list[str] = ["full", "lora", "qlora"],
+    drop_rates: list[float] = [0.5, 0.75, 0.875, 1.0],
+    pld_theta: float | None = 0.5,
+    gt_rho: float | None = 0.7,
     seq_len: int = 256,
     micro_batch_size: int = 1,
     steps: int = 5,
@@ -171,34 +324,44 @@ def main(
     seed: int = 1234,
     out: Path = Path("bench/results/step_time"),
 ) -> list[dict]:
-    """Time forward and backward against the drop rate and write a markdown table, JSON and a plot.
+    """Time forward and backward of every method and write a markdown table, JSON and a plot.
 
     Args:
         model_name: a lit_gpt preset; its shape is used with random weights.
-        methods: any of full, lora.
-        drop_rates: uniform DropBP rates to time; include 0 and 1 for the straight-line efficiency.
+        methods: fine-tuning kinds to time: any of full, lora, qlora (bitsandbytes 4-bit base).
+        drop_rates: uniform DropBP rates to time against the baseline; include 1 for the straight-line efficiency.
+        pld_theta: PLD's final keep level θ̄ (timed at the end of its schedule); None leaves PLD out.
+        gt_rho: GreenTrainer's FLOPs budget ρ; None leaves GreenTrainer out.
         seq_len: tokens per sequence.
         micro_batch_size: sequences per step; times are reported per sequence.
-        steps: timed steps per configuration (the fastest is reported).
-        warmup: untimed steps per configuration first.
+        steps: timed steps per setting (the fastest is reported).
+        warmup: untimed steps per setting first.
         device: cpu, cuda or auto.
         dtype: float32, bfloat16 or float16; default fp32 on CPU, bf16 on CUDA.
-        seed: seed of the weights, the data and the drop decisions.
+        seed: seed of the weights, the data and the decisions.
         out: folder for step_time.md, step_time.json and step_time.png.
     """
-    for method in methods:
-        if method not in ("full", "lora"):
-            raise UserError(f"unknown method {method!r}: choose full or lora")
-    if any(not 0 <= p <= 1 for p in drop_rates):
-        raise UserError("drop rates must lie in [0, 1]")
+    for kind in methods:
+        if kind not in KINDS:
+            raise UserError(f"unknown fine-tuning method {kind!r}: choose from {', '.join(KINDS)}")
+    if any(not 0 < p <= 1 for p in drop_rates):
+        raise UserError(f"--drop_rates must lie in (0, 1] (the baseline is always timed), got {drop_rates}")
+    if pld_theta is not None and not 0 < pld_theta <= 1:
+        raise UserError(f"--pld_theta must lie in (0, 1], got {pld_theta}")
+    if gt_rho is not None and not 0 < gt_rho <= 1:
+        raise UserError(f"--gt_rho must lie in (0, 1], got {gt_rho}")
+    if steps < 1 or warmup < 0 or seq_len < 1 or micro_batch_size < 1:
+        raise UserError("--steps, --seq_len and --micro_batch_size must be at least 1 and --warmup at least 0")
     torch_device = resolve_device(device)
     torch_dtype = parse_dtype(dtype) or default_dtype(torch_device)
     config = Config.from_name(model_name, block_size=max(seq_len, 1))
+    args = dict(drop_rates=drop_rates, pld_theta=pld_theta, gt_rho=gt_rho, seq_len=seq_len,
+                micro_batch_size=micro_batch_size, steps=steps, warmup=warmup, seed=seed)
     rows = []
-    for method in methods:
-        timings = measure(method, config, drop_rates, torch_device, torch_dtype, seq_len, micro_batch_size,
-                          steps, warmup, seed)
-        rows += efficiency_rows(method, config, seq_len, timings)
+    for kind in methods:
+        print(f"timing {kind} ...", flush=True)
+        rows += measure(kind, config, torch_device, torch_dtype, args)
+    add_efficiencies(rows)
 
     machine = machine_description(torch_device)
     setting = (f"{model_name} shape, random weights, {str(torch_dtype).removeprefix('torch.')}, seq {seq_len}, "
@@ -206,8 +369,8 @@ def main(
     table = render_table(rows)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python bench/step_time.py " + " ".join(sys.argv[1:])
-    (out / "step_time.md").write_text(f"Machine: {machine}\n\nSetting: {setting}\n\nCommand: `{command.strip()}`\n\n{table}\n")
+    command = ("python bench/step_time.py " + " ".join(sys.argv[1:])).strip()
+    (out / "step_time.md").write_text(f"Machine: {machine}\n\nSetting: {setting}\n\nCommand: `{command}`\n\n{table}\n")
     (out / "step_time.json").write_text(json.dumps(dict(machine=machine, setting=setting, rows=rows), indent=2))
     plot(rows, out / "step_time.png", f"{setting}\n{machine}")
     print(f"Machine: {machine}\nSetting: {setting}\n\n{table}\n\nwrote {out}/step_time.md, .json, .png")

