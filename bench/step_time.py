@@ -101,6 +101,12 @@ def representative(draw: Callable[[int], None], price: Callable[[], float]) -> t
     return index, prices[index]
 
 
+def clear_drops(handler: DropBPHandler) -> None:
+    """Rate 0 and no branch marked dropped, so that other settings run (and are priced) without DropBP."""
+    handler.set_initial_drop_rate(0.0)
+    handler.draw()
+
+
 def dropbp_setting(model: GPT, handler: DropBPHandler, p: float, seq_len: int, keep_head_backward=False) -> Setting:
     def draw(index: int) -> None:
         handler.set_initial_drop_rate(p)
@@ -111,7 +117,7 @@ def dropbp_setting(model: GPT, handler: DropBPHandler, p: float, seq_len: int, k
     label = "DropBP 1− (head BW kept)" if keep_head_backward else f"DropBP {p:g}"
     draw(index)
     dropped = sum(handler.dropped)
-    handler.set_initial_drop_rate(0.0)
+    clear_drops(handler)
     if keep_head_backward:
         flops = None  # the cost model prices the loop's real p = 1 step, which skips the head's backward
 
@@ -119,7 +125,7 @@ def dropbp_setting(model: GPT, handler: DropBPHandler, p: float, seq_len: int, k
         handler.set_initial_drop_rate(p)
         handler.step = index  # the forward's pre-hook redraws this same decision
 
-    return Setting(label, p, enter, lambda: handler.set_initial_drop_rate(0.0), keep_head_backward, flops,
+    return Setting(label, p, enter, lambda: clear_drops(handler), keep_head_backward, flops,
                    f"{dropped}/{len(handler.layers)} branches dropped")
 
 
@@ -203,7 +209,7 @@ def settings_for(model: GPT, handler: DropBPHandler, kind: str, ids: torch.Tenso
     handler.draw()
     if 1.0 in args["drop_rates"] and handler.detect_non_grad():  # LoRA with a frozen head: p = 1 skips it too
         settings.append(dropbp_setting(model, handler, 1.0, seq_len, keep_head_backward=True))
-    handler.set_initial_drop_rate(0.0)
+    clear_drops(handler)
     if args["pld_theta"] is not None:
         settings.append(pld_setting(model, args["pld_theta"], args["seed"], seq_len))
     if args["gt_rho"] is not None:

@@ -44,7 +44,7 @@ def test_settings_leave_the_model_as_they_found_it(kind, one_thread):
         setting.enter()
         step_time.timed_step(model, handler, ids, torch.device("cpu"), setting.keep_head_backward)
         setting.leave()
-        assert handler.drop_rates == [0.0] * len(handler.layers)
+        assert handler.drop_rates == [0.0] * len(handler.layers) and not any(handler.dropped)
         assert all(block.keep and block.branch_scale == 1.0 for block in model.transformer.h)
         assert [p.requires_grad for p in model.parameters()] == trainable
 
@@ -65,6 +65,9 @@ def test_each_setting_runs_its_chosen_decisions(one_thread):
         seen.append(handler.dropped)
         setting.leave()
     assert seen[0] == seen[1] == seen[2] and sum(seen[0]) == 4
+    assert not any(handler.dropped)  # PLD and GreenTrainer were priced without stale DropBP decisions
+    # PLD keeps the whole backward of the blocks it runs; DropBP at p = 1 keeps none of the blocks' backward.
+    assert by_label["DropBP 1"].flops < by_label["PLD θ̄=0.5"].flops < by_label["baseline"].flops
     gt = by_label["GreenTrainer ρ=0.7"]
     assert gt.flops < by_label["baseline"].flops and "tensors trained" in gt.note
 
