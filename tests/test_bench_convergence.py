@@ -19,7 +19,8 @@ from lit_gpt.utils import UserError  # noqa: E402
 
 def history(points: list[tuple[float, float]]) -> list[dict]:
     """(train_seconds, val_loss) pairs; FLOPs run at 10 per second."""
-    return [{"step": i, "train_seconds": s, "train_flops": 10 * s, "val_loss": loss} for i, (s, loss) in enumerate(points)]
+    return [{"step": i, "train_seconds": s, "calibrated_seconds": s, "train_flops": 10 * s, "val_loss": loss}
+            for i, (s, loss) in enumerate(points)]
 
 
 def test_time_to_reach_interpolates_between_validations():
@@ -38,9 +39,12 @@ def test_speedups_are_against_the_baselines_final_loss():
         {"label": "fast", "history": history([(0, 4.0), (5, 3.0), (10, 2.0), (15, 1.5)])},
         {"label": "never", "history": history([(0, 4.0), (5, 3.5)])},
     ]
+    convergence.add_time_without_calibration(results[1]["history"], [{"step": 1, "seconds": 2.0}])
+    assert [h["calibrated_seconds"] for h in results[1]["history"]] == [0, 5, 8, 13]  # from the point after step 1
     convergence.summarise(results)
     assert results[0]["time_speedup"] == pytest.approx(1.0)
     assert results[1]["time_speedup"] == pytest.approx(2.0) and results[1]["flops_speedup"] == pytest.approx(2.0)
+    assert results[1]["time_without_calibration_speedup"] == pytest.approx(20 / 8)
     assert results[2]["time_speedup"] is None
     for r, ms in zip(results, (1.0, 2.0, 3.0)):
         r.update(ms_per_step=ms, note="")

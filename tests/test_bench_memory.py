@@ -1,0 +1,195 @@
+"""bench/memory.py: the memory count on tiny models, its agreement with real CPU runs, the longest-sequence solve,
+the output files, and its flag checks.
+
+The benchmark's own numbers (SmolLM2-135M shape, LLaMA-2 estimates) belong to its committed run, not to these tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import memory  # noqa: E402
+
+from lit_gpt.config import Config  # noqa: E402
+from lit_gpt.utils import UserError  # noqa: E402
+from tests.conftest import assert_one_line_error  # noqa: E402
+
+# in_features are multiples of 64, bitsandbytes' 4-bit block size, for the QLoRA check.
+TINY = Config(n_layer=2, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=128, vocab_size=101, block_size=128)
+CPU = torch.device("cpu")
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
+
+
+def real_count(config: Config, method: str, p: float, draw: int = 0, seq_len: int = 32, quantize: str = "bnb.nf4"):
+    model = memory.build_model(config, method, torch.float32, CPU, 0, quantize)
+    handler = memory.make_handler(model, 0)
+    return model, memory.count_step(model, handler, p, draw, seq_len, 2)
+
+
+def fake_counter(config: Config = TINY, method: str = "full") -> memory.Counter:
+    return memory.Counter(config, method, torch.float32, 0, "bnb.nf4", 2)
+
+
+# ---------------------------------------------------------------------------------------------- the count
+def test_dropped_branches_save_nothing_and_kept_ones_add_a_fixed_amount():
+    saved = {(n, p): real_count(replace(TINY, n_layer=n), "full", p)[1].saved for n in (2, 3, 4) for p in (0.0, 1.0)}
+    assert saved[4, 1.0] < saved[4, 0.0]
+    # Every branch dropped: extra layers add no saved activation byte.
+    assert saved[2, 1.0] == saved[3, 1.0] == saved[4, 1.0]
+    # Every branch kept: each layer adds the same positive amount.
+    per_layer = saved[3, 0.0] - saved[2, 0.0]
+    assert per_layer > 0 and saved[4, 0.0] - saved[3, 0.0] == per_layer
+
+
+def test_saved_bytes_count_each_storage_once_and_skip_weights():
+    model, count = real_count(TINY, "lora", 0.0)
+    packs: list[torch.Tensor] = []  # every saved tensor, as often as it is saved
+    ids = torch.zeros(2, 32, dtype=torch.long)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packs.append(t) or t, lambda t: t):
+        memory.next_token_loss(model(ids), ids)
+    weights = {memory.storage_key(t) for t in memory.weight_tensors(model)}
+    naive = sum(t.untyped_storage().nbytes() for t in packs)
+    distinct = {memory.storage_key(t): t.untyped_storage().nbytes() for t in packs}
+    assert any(memory.storage_key(t) in weights for t in packs)  # weights are saved too, and left out
+    assert len(distinct) < len(packs)  # some storages are saved more than once (views)
+    assert count.saved == sum(n for k, n in distinct.items() if k not in weights) < naive
+    assert count.peak >= count.saved  # the saved tensors are alive at the end of forward
+
+
+def test_static_bytes_of_each_method():
+    full = memory.static_bytes(memory.build_model(TINY, "full", torch.float32, CPU, 0, "bnb.nf4"), "full", "bnb.nf4")
+    lora = memory.static_bytes(memory.build_model(TINY, "lora", torch.float32, CPU, 0, "bnb.nf4"), "lora", "bnb.nf4")
+    n = sum(p.numel() for p in memory.GPT(TINY).parameters())
+    assert full == dict(weights=4 * n, grads=4 * n, optimizer=8 * n)
+    assert lora["grads"] < full["grads"] / 5 and lora["optimizer"] == 2 * lora["grads"]
+    assert lora["weights"] == full["weights"] + lora["grads"]  # the base plus the adapters
+
+
+def test_four_bit_bytes_formula():
+    assert memory.four_bit_bytes(64 * 128, "bnb.nf4") == 64 * 64 + 128 * 4 + 64
+    assert memory.four_bit_bytes(64 * 128, "bnb.nf4-dq") == 64 * 64 + 128 + 4 + 1024 + 4 + 64
+
+
+# ---------------------------------------------------------------------------------------------- fake == real
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_fake_tensor_count_equals_a_real_cpu_run(method, p):
+    model, real = real_count(TINY, method, p, draw=1)
+    fake = fake_counter(TINY, method)
+    counted = fake.count(p, 1, 32)
+    assert (counted.saved, counted.peak, counted.timeline, counted.ops) == (real.saved, real.peak, real.timeline, real.ops)
+    assert fake.static == memory.static_bytes(model, method, "bnb.nf4")
+
+
+def test_meta_device_would_count_differently():
+    """Why the count runs on fake CPU tensors: on the meta device SDPA saves what its math path needs."""
+    with torch.device("meta"):
+        model = memory.GPT(TINY)
+    model.train()
+    meta = memory.count_step(model, memory.make_handler(model, 0), 0.0, 0, 32, 2)
+    _, real = real_count(TINY, "full", 0.0)
+    assert meta.saved > real.saved
+
+
+def test_qlora_count_equals_a_real_four_bit_run():
+    pytest.importorskip("bitsandbytes")
+    model, real = real_count(TINY, "qlora", 0.5)
+    fake = fake_counter(TINY, "lora")
+    counted = fake.count(0.5, 0, 32)
+    assert (counted.saved, counted.peak) == (real.saved, real.peak)
+    assert memory.static_bytes(fake.model, "qlora", "bnb.nf4") == memory.static_bytes(model, "qlora", "bnb.nf4")
+
+
+# ---------------------------------------------------------------------------------------------- longest sequence
+def step(seq_len: int, timeline: list[int]) -> memory.StepCount:
+    return memory.StepCount(seq_len, 0, max(timeline), timeline, ["op"] * len(timeline))
+
+
+def test_affine_longest_solves_the_binding_op():
+    # Two ops: 100 + 10·T and 1000 + 2·T. With 2000 bytes: min((2000-100)//10, (2000-1000)//2) = 190.
+    a, b = step(10, [200, 1020]), step(20, [300, 1040])
+    assert memory.affine_longest(a, b, 2000) == (190, True)
+    assert memory.affine_longest(a, b, 1500) == (140, True)
+    assert memory.affine_longest(a, b, 900) == (0, True)  # the second op alone needs 1000 bytes
+    assert memory.affine_longest(a, step(20, [300, 1040, 5]), 2000) == (0, False)  # different ops: no solve
+    assert memory.affine_longest(a, step(20, [301, 1040]), 2000) == (0, False)  # not affine in whole bytes
+
+
+def test_bisect_longest_finds_the_last_fitting_length():
+    assert memory.bisect_longest(lambda n: n <= 777, 16) == 777
+    assert memory.bisect_longest(lambda n: n <= 5, 16) == 5
+    assert memory.bisect_longest(lambda n: False, 16) == 0
+
+
+def test_longest_sequence_grows_with_p_and_respects_the_budget():
+    counter = fake_counter()
+    static = sum(counter.static.values())
+    budget = static + 3 * 2**20
+    draws = [0, 1, 2]
+    longest = {}
+    for p in (0.0, 0.5, 0.875, 1.0):
+        result = counter.longest(p, draws, static, budget, 32)
+        assert result["solved"].startswith("affine")
+        t = longest[p] = result["longest"]
+        assert all(counter.count(p, d, t).peak + static <= budget for d in draws)
+        assert any(counter.count(p, d, t + 1).peak + static > budget for d in draws)
+    assert longest[0.0] < longest[0.5] < longest[0.875] <= longest[1.0]
+    # The affine solve agrees with bisection over counts.
+    assert memory.bisect_longest(lambda n: all(counter.count(0.5, d, n).peak + static <= budget for d in draws), 32) \
+        == longest[0.5]
+
+
+def test_budget_below_the_weights_fits_nothing():
+    counter = fake_counter()
+    assert counter.longest(0.0, [0], sum(counter.static.values()), 1000, 32)["longest"] == 0
+
+
+# ---------------------------------------------------------------------------------------------- the script
+def test_main_writes_its_tables_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setattr(memory.Config, "from_name", classmethod(lambda cls, name, **kw: replace(TINY, name=name, **kw)))
+    out = tmp_path / "memory"
+    result = memory.main(model_name="tiny", methods=["full", "lora"], drop_rates=[0.0, 0.875], seq_len=32,
+                         micro_batch_size=2, memory_budget_gib=0.01, draws=2, device="cpu", validate_on=[],
+                         estimates=[], out=out)
+    rows = {(r["method"], r["drop_rate"]): r for r in result["rows"]}
+    for method in ("full", "lora"):
+        assert rows[method, 0.875]["saved"] < rows[method, 0.0]["saved"]
+        assert rows[method, 0.875]["longest"] > rows[method, 0.0]["longest"] > 0
+        assert rows[method, 0.875]["longest_ratio"] > 1
+    assert result["cross_checks"] and all(c["equal"] for c in result["cross_checks"])
+    text = (out / "memory.md").read_text()
+    assert "Machine:" in text and "Command: `python bench/memory.py" in text and "| full | 0.875 |" in text
+    assert json.loads((out / "memory.json").read_text())["rows"][0]["method"] == "full"
+    assert (out / "memory_breakdown.png").stat().st_size > 0 and (out / "memory_longest.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(methods=["bogus"]), "unknown method"),
+    (dict(drop_rates=[0.5]), "must include 0"),
+    (dict(drop_rates=[0.0, 1.5]), "[0, 1]"),
+    (dict(validate_on=["full-0.5"]), "full@0.875"),
+    (dict(validate_on=["full@0.3"]), "not among"),
+    (dict(estimates=["Llama-2-7b-hf:bogus"]), "unknown method"),
+    (dict(quantize="int3"), "--quantize"),
+])
+def test_bad_arguments_raise_user_errors(kwargs, fragment, tmp_path):
+    with pytest.raises(UserError) as info:
+        memory.main(out=tmp_path, **kwargs)
+    assert fragment in str(info.value)
+
+
+def test_a_bad_flag_is_a_one_line_error():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--methods", "[full, bogus]"],
+                            check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_one_line_error(result, "unknown method 'bogus'")
