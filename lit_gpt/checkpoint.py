@@ -55,15 +55,19 @@ def load_hyperparameters(folder: str | Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def save_finetuned(model: GPT, folder: str | Path, hyperparameters: dict) -> Path:
-    """Write weights (adapters only for LoRA methods), config and hyperparameters, each file atomically."""
-    from lit_gpt.lora import lora_state_dict
+def save_finetuned(model: GPT, folder: str | Path, hyperparameters: dict, state_dict: dict | None = None) -> Path:
+    """Write weights (adapters only for LoRA methods), config and hyperparameters, each file atomically.
+
+    `state_dict` replaces `model.state_dict()` where this process does not hold the whole weights (FSDP
+    gathers them first); LoRA methods keep only its adapters, as always.
+    """
     from lit_gpt.utils import atomic_save
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lora = hyperparameters["finetuning"] in LORA_METHODS
-    atomic_save(lora_state_dict(model) if lora else model.state_dict(), folder / "lit_model.pth")
+    weights = model.state_dict() if state_dict is None else state_dict
+    atomic_save({k: v for k, v in weights.items() if "lora_" in k} if lora else weights, folder / "lit_model.pth")
     model.config.save(folder)
     save_hyperparameters(hyperparameters, folder)
     return folder

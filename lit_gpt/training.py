@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -92,7 +92,8 @@ class RunArgs:
     accelerator: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when torch sees a GPU
     devices: int = 1  # per node
     num_nodes: int = 1
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: ddp on several devices; fsdp is not built yet
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: ddp on several devices; fsdp shards the weights
+    activation_checkpointing: bool = False  # recompute each block's activations in backward instead of keeping them
     seed: int = 1337
     resume: bool | Literal["auto"] | Path = False  # True/"auto": the latest checkpoint in out_dir
     train: TrainArgs = field(default_factory=TrainArgs)
@@ -133,9 +134,12 @@ def validate(args: RunArgs) -> None:
     if args.finetuning == "qlora" and world_size > 1:
         raise UserError("QLoRA runs on one device: bitsandbytes' 4-bit weights cannot be sharded or replicated by "
                         "Lightning's DDP/FSDP here. Use --devices 1, or finetune/lora.py for several devices")
-    if args.strategy == "fsdp":
-        raise UserError("--strategy fsdp is not supported yet: Lightning runs FSDP only on CUDA GPUs, and DropBP "
-                        "calibration and checkpoints under sharded weights are still to be built; use --strategy ddp")
+    if args.strategy == "fsdp" and args.finetuning == "qlora":
+        raise UserError("QLoRA cannot run under --strategy fsdp: bitsandbytes' 4-bit weights cannot be sharded. "
+                        "Use finetune/lora.py with --strategy fsdp, or QLoRA on one device")
+    if args.strategy == "fsdp" and args.method.name == "greentrainer":
+        raise UserError("--method greentrainer does not run under --strategy fsdp: its importance step copies and "
+                        "compares whole weights and optimizer states. Use --strategy ddp or one device")
     if t.learning_rate <= 0 or t.warmup_steps < 0:
         raise UserError("--train.learning_rate must be positive and --train.warmup_steps non-negative")
     if args.finetuning == "qlora":
@@ -221,8 +225,12 @@ class Trainer:
                                        args.train.length_grouped, self.fabric.global_rank, world_size)
         self.accumulation = args.train.global_batch_size // (args.train.micro_batch_size * world_size)
         self.max_steps = args.train.max_steps or max(1, args.train.epochs * self.stream.per_epoch // self.accumulation)
-        self.optimizer = self._optimizer()
-        self.model, self.optimizer = self.fabric.setup(self.model, self.optimizer)
+        if self.sharded:  # FSDP replaces the parameters by their shards: the optimizer must be built afterwards
+            self.model = self.fabric.setup_module(self.model)
+            self.optimizer = self.fabric.setup_optimizers(self._optimizer())
+        else:
+            self.optimizer = self._optimizer()
+            self.model, self.optimizer = self.fabric.setup(self.model, self.optimizer)
         self.step = 0  # optimizer steps done
         self.calibration_steps = self._calibration_steps()
         self.drop_rate_history: list[dict] = []
@@ -253,12 +261,26 @@ class Trainer:
         return fabric
 
     def _strategy(self):
-        """Lightning's DDP for `--strategy ddp` or several devices; else a single device."""
-        from lightning.fabric.strategies import DDPStrategy
+        """FSDP for `--strategy fsdp`; Lightning's DDP for `--strategy ddp` or several devices; else one device.
 
-        if self.args.strategy == "ddp" or self.args.devices * self.args.num_nodes > 1:
+        FSDP is PyTorch's FSDP2 (`fully_shard`) through Fabric's `ModelParallelStrategy`, which, unlike Fabric's
+        `FSDPStrategy`, also runs on CPU (gloo). Every rank is one data-parallel shard (see `shard_model`).
+        """
+        from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
+
+        world_size = self.args.devices * self.args.num_nodes
+        if self.args.strategy == "fsdp":
+            return ModelParallelStrategy(shard_model, data_parallel_size=world_size, tensor_parallel_size=1)
+        if self.args.strategy == "ddp" or world_size > 1:
             return DDPStrategy()
         return "auto"
+
+    @property
+    def sharded(self) -> bool:
+        """True under FSDP: each rank holds a shard of every weight, gathered block by block as it runs."""
+        from lightning.fabric.strategies import ModelParallelStrategy
+
+        return isinstance(self.fabric.strategy, ModelParallelStrategy)
 
     @property
     def averages_gradients_itself(self) -> bool:
@@ -267,6 +289,9 @@ class Trainer:
         DDP's hooks sync during the backward of the last micro-batch, so a step whose last micro-batch skips
         `backward()` (every trainable branch dropped) would never sync. The drop decisions are identical on
         every rank, so every rank holds gradients for the same tensors and one explicit all-reduce is safe.
+
+        FSDP needs neither: every micro-batch that runs `backward()` reduce-scatters (averages) its gradients
+        into the shards, where they accumulate, so a step ends averaged whichever micro-batches skipped it.
         """
         from lightning.fabric.strategies import DDPStrategy
 
@@ -294,6 +319,8 @@ class Trainer:
             quantize_linears(model, args.quantize, compute_dtype, self.fabric.device)
         if args.finetuning in LORA_METHODS:
             add_lora(model, args.lora)
+        if args.activation_checkpointing:
+            checkpoint_activations(model)
         handler = None
         if args.dropbp.drop_rate > 0:
             handler = DropBPHandler(model, seed=args.seed, lr_compensation=args.dropbp.lr_compensation)
@@ -377,8 +404,9 @@ class Trainer:
         if saved_at != self.step:
             self.save_checkpoint()
         final = self.out_dir / "final"
+        weights = self.gathered_state_dict()  # under FSDP every rank takes part in gathering the shards
         if fabric.global_rank == 0:
-            save_finetuned(fabric_module(self.model), final, args.hyperparameters())
+            save_finetuned(fabric_module(self.model), final, args.hyperparameters(), state_dict=weights)
         fabric.print(f"saved the trained weights to {final}")
         return final
 
@@ -397,8 +425,10 @@ class Trainer:
             input_ids, labels = input_ids.to(self.fabric.device), labels.to(self.fabric.device)
             is_accumulating = micro < self.accumulation - 1
             count_flops = micro == 0 and self.step == self.max_steps - 1  # one sample micro-batch for the summary
-            with (self.fabric.no_backward_sync(self.model, enabled=is_accumulating or self.averages_gradients_itself),
-                  flop_counter() if count_flops else nullcontext() as counter):
+            # FSDP syncs in every backward (see `averages_gradients_itself`); DDP once per step, by itself.
+            no_sync = nullcontext() if self.sharded else self.fabric.no_backward_sync(
+                self.model, enabled=is_accumulating or self.averages_gradients_itself)
+            with no_sync, flop_counter() if count_flops else nullcontext() as counter:
                 loss = next_token_loss(self.model(input_ids), labels)
                 if not torch.isfinite(loss):
                     raise UserError(self._non_finite_loss_message(loss.item()))
@@ -454,6 +484,12 @@ class Trainer:
         return input_ids.to(self.fabric.device), labels.to(self.fabric.device)
 
     def calibrate(self) -> None:
+        """Measure every branch's sensitivity on the calibration batch and reallocate the drop rates.
+
+        On several ranks, each rank runs its share of the batch and every parameter gradient the measurement
+        takes is averaged over the ranks (`_gradients_averaged_over_ranks`): the norms are those of the whole
+        batch's full gradients, as one process would measure them, and every rank allocates the same rates.
+        """
         input_ids, labels = self.calibration_batch()
         model = fabric_module(self.model)  # past DDP's wrapper: calibration takes no backward() for it to sync
 
@@ -467,12 +503,70 @@ class Trainer:
             total = torch.tensor(sensitivities, dtype=torch.float64, device=self.fabric.device)
             return self.fabric.all_reduce(total, reduce_op="mean").tolist()
 
-        result = self.handler.sensitivity_based_drop_bp(
-            calibration_loss, self.args.dropbp.drop_rate, metric=self.sensitivity_metric,
-            allocator=self.args.dropbp.allocator, reduce=average_over_ranks,
-        )
+        with self._unsharded(), self._gradients_averaged_over_ranks():
+            result = self.handler.sensitivity_based_drop_bp(
+                calibration_loss, self.args.dropbp.drop_rate, metric=self.sensitivity_metric,
+                allocator=self.args.dropbp.allocator, reduce=average_over_ranks,
+            )
         self.fabric.print(f"step {self.step}: {result.summary()}")
         self._record_drop_rates(calibration=result)
+
+    @contextmanager
+    def _unsharded(self):
+        """Under FSDP, hold every weight whole on every rank for the duration (no-op otherwise).
+
+        Calibration differentiates the loss with `torch.autograd.grad` many times over one retained graph, so the
+        gathered weights must stay gathered and the gradients must not be reduce-scattered: every FSDP unit is
+        unsharded, with resharding and gradient sync off, and put back afterwards. `parameters()` then yields
+        the whole weights, and the measurement sees full tensors, never shards.
+        """
+        if not self.sharded:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        root = fabric_module(self.model)
+        units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.set_reshard_after_backward(False, recurse=False)
+            unit.set_requires_gradient_sync(False, recurse=False)
+        try:
+            for unit in units:
+                unit.unshard()
+            yield
+        finally:
+            for unit in units:
+                if unit is not root:  # FSDP keeps the root gathered from forward to backward by design
+                    unit.set_reshard_after_forward(True, recurse=False)
+                unit.set_reshard_after_backward(True, recurse=False)
+                unit.set_requires_gradient_sync(True, recurse=False)
+                unit.reshard()
+
+    @contextmanager
+    def _gradients_averaged_over_ranks(self):
+        """Average over the ranks every gradient that autograd computes for a trainable parameter, meanwhile.
+
+        Tensor hooks fire inside `torch.autograd.grad` too, in the same order on every rank (the graphs are
+        identical: same model, same drop decisions), so each all-reduce meets its partners.
+        """
+        world_size = self.fabric.world_size
+        if world_size == 1:
+            yield
+            return
+
+        def average(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            torch.distributed.all_reduce(grad)
+            return grad.div_(world_size)
+
+        params = [p for p in fabric_module(self.model).parameters() if p.requires_grad]
+        hooks = [p.register_hook(average) for p in params]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def _record_drop_rates(self, calibration) -> None:
         entry = {"step": self.step, "target_drop_rate": self.args.dropbp.drop_rate,
@@ -499,11 +593,18 @@ class Trainer:
         batches = micro_batches([len(s["input_ids"]) for s in self.test_set], self.args.train.micro_batch_size,
                                 seed=0, epoch=0, length_grouped=True)
         limit = self.args.train.eval_iters
-        for indices in batches[fabric.global_rank::fabric.world_size][:limit]:
+        mine = batches[fabric.global_rank::fabric.world_size][:limit]
+        # Under FSDP every forward gathers weights with the other ranks, so every rank runs as many forwards as
+        # rank 0, which has the most; a rank with fewer batches repeats its first one and discards the result.
+        forwards = len(batches[::fabric.world_size][:limit]) if self.sharded else len(mine)
+        for n in range(forwards):
+            indices = mine[n] if n < len(mine) else batches[0]
             input_ids, labels = collate([truncate(self.test_set[i], self.max_seq_length) for i in indices])
             labels = labels.to(fabric.device)
-            loss_sum += next_token_loss(model(input_ids.to(fabric.device)), labels, reduction="sum")
-            count += (labels[:, 1:] != IGNORE_INDEX).sum()
+            losses = next_token_loss(model(input_ids.to(fabric.device)), labels, reduction="sum")
+            if n < len(mine):
+                loss_sum += losses
+                count += (labels[:, 1:] != IGNORE_INDEX).sum()
         loss_sum, count = fabric.all_reduce(loss_sum, reduce_op="sum"), fabric.all_reduce(count, reduce_op="sum")
         val_loss = self.val_loss = float(loss_sum / count.clamp(min=1))
         metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)), "train_seconds": self.train_seconds,
@@ -537,19 +638,21 @@ class Trainer:
         """
         folder = self.out_dir / f"step-{self.step:06d}"
         partial = self.out_dir / f".{folder.name}.partial"
+        weights = self.gathered_state_dict()  # under FSDP, the shards are gathered (on every rank) first
+        optimizer_state = self.gathered_optimizer_state()
         if self.fabric.global_rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
-            save_finetuned(fabric_module(self.model), partial, self.args.hyperparameters())
-            torch.save(self.training_state(), partial / TRAINING_STATE_FILE)
+            save_finetuned(fabric_module(self.model), partial, self.args.hyperparameters(), state_dict=weights)
+            torch.save(self.training_state(optimizer_state), partial / TRAINING_STATE_FILE)
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(partial, folder)
         self.fabric.barrier()
         return folder
 
-    def training_state(self) -> dict[str, Any]:
+    def training_state(self, optimizer_state: dict | None = None) -> dict[str, Any]:
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if optimizer_state is None else optimizer_state,
             "dropbp": self.handler.state_dict() if self.handler is not None else None,
             "drop_rate_history": self.drop_rate_history,
             "progress": {"train_seconds": self.train_seconds, "val_history": self.val_history,
@@ -558,6 +661,92 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
+
+    def gathered_state_dict(self, adapters_only: bool | None = None, everywhere: bool = False) -> dict | None:
+        """Under FSDP, the whole weights gathered from the shards, on the CPU of rank 0; None otherwise.
+
+        Every rank must call it under FSDP (each tensor is one all-gather); the other ranks get `{}`, or the same
+        dict with `everywhere`. `adapters_only` (default: for LoRA runs) gathers only the adapters, as the
+        checkpoints hold, so the frozen base is never gathered to be thrown away.
+        """
+        if not self.sharded:
+            return None
+        from torch.distributed.tensor import DTensor
+
+        if adapters_only is None:
+            adapters_only = self.args.finetuning in LORA_METHODS
+        keep = everywhere or self.fabric.global_rank == 0
+        gathered = {}
+        for name, tensor in fabric_module(self.model).state_dict().items():
+            if adapters_only and "lora_" not in name:
+                continue
+            if isinstance(tensor, DTensor):
+                tensor = tensor.full_tensor()
+            if keep:
+                gathered[name] = tensor.detach().to("cpu", copy=True)
+        return gathered
+
+    def gathered_optimizer_state(self) -> dict | None:
+        """Under FSDP, the optimizer's state dict with whole tensors, in the format one process writes; else None.
+
+        Keyed by parameter index like `Optimizer.state_dict()`, so a checkpoint reads the same whether FSDP, DDP
+        or one process wrote it. Every rank must call it under FSDP; ranks other than 0 get `{}`.
+        """
+        if not self.sharded:
+            return None
+        from torch.distributed.tensor import DTensor
+
+        state = self.optimizer.optimizer.state_dict()
+        gathered: dict[int, dict] = {}
+        # The same parameters have state on every rank (they got gradients at the same steps), in the same order.
+        for index, values in state["state"].items():
+            entry = {}
+            for key, value in values.items():
+                if isinstance(value, DTensor):
+                    value = value.full_tensor()
+                entry[key] = value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
+            gathered[index] = entry
+        if self.fabric.global_rank != 0:
+            return {}
+        return {"state": gathered, "param_groups": state["param_groups"]}
+
+    def _load_sharded_optimizer_state(self, state: dict) -> None:
+        """Load a whole-tensor optimizer state dict into the sharded optimizer: each rank keeps its own shard.
+
+        `Optimizer.load_state_dict` does the rest, as on one process, so a parameter without state in the
+        checkpoint (no gradient yet: its branches were always dropped) still has none. The resume stays exact;
+        `torch.distributed.checkpoint`'s `set_optimizer_state_dict` would first give every parameter a state by
+        taking a zero step, and AdamW's step count would then differ.
+        """
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        params = [p for group in self.optimizer.optimizer.param_groups for p in group["params"]]
+        sharded: dict[int, dict] = {}
+        for index, values in state["state"].items():
+            param = params[index]
+            entry = {}
+            for key, value in values.items():
+                if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    # every rank read the whole tensor, so each slices out its shard: no communication
+                    value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
+                                              src_data_rank=None)
+                entry[key] = value
+            sharded[index] = entry
+        self.optimizer.optimizer.load_state_dict({"state": sharded, "param_groups": state["param_groups"]})
+
+    def _load_weights(self, weights: dict[str, torch.Tensor]):
+        """`load_state_dict(strict=False)` of whole tensors, slicing out this rank's shards under FSDP."""
+        model = fabric_module(self.model)
+        if self.sharded:
+            from torch.distributed.tensor import DTensor, distribute_tensor
+
+            current = model.state_dict()
+            for name, value in weights.items():
+                target = current.get(name)
+                if isinstance(target, DTensor) and value.shape == target.shape:
+                    weights[name] = distribute_tensor(value.to(target.device, target.dtype), target.device_mesh,
+                                                      target.placements, src_data_rank=None)
+        return model.load_state_dict(weights, strict=False)
 
     @staticmethod
     def checkpoints(out_dir: Path) -> list[Path]:
@@ -577,16 +766,19 @@ class Trainer:
             if not (folder / TRAINING_STATE_FILE).is_file():
                 raise UserError(f"{folder} has no {TRAINING_STATE_FILE}: resume from a step-NNNNNN folder")
         weights = load_state_dict(folder / "lit_model.pth", mmap=False)
-        model = fabric_module(self.model)
+        missing, unexpected = self._load_weights(weights)
         if self.args.finetuning in LORA_METHODS:
-            missing, unexpected = model.load_state_dict(weights, strict=False)
             if unexpected or any("lora_" in k for k in missing):
                 raise UserError(f"{folder} does not hold this run's LoRA adapters: check --lora.* against its "
                                 "hyperparameters.yaml")
-        else:
-            model.load_state_dict(weights)
+        elif missing or unexpected:
+            raise UserError(f"{folder / 'lit_model.pth'} does not match this model (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}): resume with the same --checkpoint_dir")
         state = torch.load(folder / TRAINING_STATE_FILE, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            self._load_sharded_optimizer_state(state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         if (state["dropbp"] is None) != (self.handler is None):
             raise UserError(f"{folder} was saved with a different --drop_rate setting: resume with the same flags")
         if self.handler is not None:
@@ -608,6 +800,39 @@ class Trainer:
 def fabric_module(model: torch.nn.Module) -> torch.nn.Module:
     """The user's module inside Fabric's wrapper."""
     return getattr(model, "module", model)
+
+
+def shard_model(model: GPT, device_mesh) -> GPT:
+    """FSDP2 (`fully_shard`): each `Block` is one unit, the root (embeddings, final norm, head) another.
+
+    A unit's weights are gathered for its forward and again for its backward, and its gradients reduce-scattered
+    (averaged) after its backward. Frozen and trainable weights may share a unit: only those with a gradient are
+    reduce-scattered, and the optimizer only ever sees the trainable ones, so the frozen base of a LoRA model is
+    sharded (a 1/W share per rank) but has no optimizer state. A branch that DropBP drops runs under `no_grad`,
+    so its weights get no gradient and are left out of the reduce-scatter on every rank alike.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = device_mesh["data_parallel"]
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def checkpoint_activations(model: GPT) -> GPT:
+    """Keep only each block's input in forward and recompute the block in backward (`--activation_checkpointing`).
+
+    The block's own `forward` is wrapped, so parameter names, FSDP units and hooks stay as they are. A dropped
+    branch runs under `no_grad` in the recomputation too: its flag is not redrawn until the next micro-batch.
+    """
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.transformer.h:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    return model
 
 
 def finetune(args: RunArgs) -> Path:

@@ -1,10 +1,11 @@
-"""Two-process DDP on CPU (gloo): ranks agree on every drop decision and on the weights, match one process, resume
-exactly, calibrate alike, and never hang when every trainable branch is dropped."""
+"""Two processes on CPU (gloo), under DDP and under FSDP: ranks agree on every drop decision and on the weights,
+match one process, resume exactly, calibrate alike, and never hang when every trainable branch is dropped."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -42,18 +43,37 @@ def setup_dir(tmp_path_factory) -> dict[str, Path]:
 
 def run(setup_dir: dict, name: str, kind: str, *flags: str, devices: int = 2, crash_after_step: int | None = None,
         expect_code: int = 0) -> Path:
-    record_dir = setup_dir["root"] / name
-    crash = ["--crash_after_step", str(crash_after_step)] if crash_after_step is not None else []
-    command = [sys.executable, str(WORKER), str(record_dir), kind, *crash, "--",
-               "--checkpoint_dir", str(setup_dir["checkpoint_dir"]), "--data_dir", str(setup_dir["data_dir"]),
-               "--out_dir", str(setup_dir["root"] / f"out-{name.split(':')[0]}"), "--devices", str(devices),
-               "--train.max_steps", "8", "--train.warmup_steps", "2", "--train.learning_rate", "3e-3",
-               "--train.global_batch_size", "8", "--train.sample_tokens", "0", "--train.eval_interval", "8",
-               "--train.length_grouped", "false", *flags]
+    return run_jobs(setup_dir, [(name, kind, list(flags), crash_after_step)], devices, expect_code)[0]
+
+
+def run_jobs(setup_dir: dict, jobs: list[tuple[str, str, list[str], int | None]], devices: int = 2,
+             expect_code: int = 0, timeout: float = 300) -> list[Path]:
+    """Run the jobs (name, kind, flags, crash_after_step) one after the other in one launch of `devices` processes.
+
+    Each job records into `root/<name>` and writes its run into `root/out-<name before any ':'>`. On timeout every
+    process of the launch (Lightning starts the other ranks itself) is killed, and the test fails.
+    """
+    command = [sys.executable, str(WORKER)]
+    for number, (name, kind, flags, crash_after_step) in enumerate(jobs):
+        crash = ["--crash_after_step", str(crash_after_step)] if crash_after_step is not None else []
+        command += ["--then"] if number else []
+        command += [str(setup_dir["root"] / name), kind, *crash, "--",
+                    "--checkpoint_dir", str(setup_dir["checkpoint_dir"]), "--data_dir", str(setup_dir["data_dir"]),
+                    "--out_dir", str(setup_dir["root"] / f"out-{name.split(':')[0]}"), "--devices", str(devices),
+                    "--train.max_steps", "8", "--train.warmup_steps", "2", "--train.learning_rate", "3e-3",
+                    "--train.global_batch_size", "8", "--train.sample_tokens", "0", "--train.eval_interval", "8",
+                    "--train.length_grouped", "false", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == expect_code, result.stderr[-4000:]
-    return record_dir
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # rank 0 and the ranks it started
+        _, stderr = process.communicate()
+        pytest.fail(f"the {devices}-process run hung for {timeout} s:\n{stderr[-4000:]}")
+    assert process.returncode == expect_code, stderr[-4000:]
+    return [setup_dir["root"] / name for name, *_ in jobs]
 
 
 def records(record_dir: Path, world_size: int = 2) -> list[tuple[dict, dict]]:
@@ -121,3 +141,133 @@ def test_lora_calibration_and_skipped_backwards_agree_across_ranks(setup_dir):
     assert rank0["sensitivities"] is not None and rank0["sensitivities"] == rank1["sensitivities"]
     assert rank0["drop_rates"] == rank1["drop_rates"] and rank0["drop_rates"] != [0.875] * 4
     assert_same_weights(weights0, weights1)
+
+
+# ---------------------------------------------------------------------- FSDP
+# Full fine-tuning, calibrated by gradient norms at step 1 on 4 samples (2 per rank under FSDP).
+CALIBRATED = ["--drop_rate", "0.875", "--sensitivity", "gradnorm", "--sensitivity_at", "0.125",
+              "--calibration_batch_size", "4"]
+LORA = ["--drop_rate", "0.875", "--lora.head", "false", "--lora.r", "4", "--sensitivity", "grad",
+        "--sensitivity_at", "0.125"]
+FSDP = ["--strategy", "fsdp", "--train.micro_batch_size", "2"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(setup_dir) -> dict[str, Path]:
+    """Five FSDP runs in one launch of two processes (starting them costs more than these tiny runs)."""
+    jobs = [
+        ("fsdp", "full", [*CALIBRATED, *FSDP, "--train.save_interval", "4"], None),
+        ("fsdp-resumed:crash", "full", [*CALIBRATED, *FSDP, "--train.save_interval", "4"], 4),
+        ("fsdp-resumed", "full", [*CALIBRATED, *FSDP, "--train.save_interval", "4", "--resume", "auto"], None),
+        ("fsdp-lora", "lora", [*LORA, *FSDP], None),
+        ("fsdp-checkpointed", "full", [*CALIBRATED, *FSDP, "--activation_checkpointing", "true"], None),
+    ]
+    return dict(zip([name for name, *_ in jobs], run_jobs(setup_dir, jobs, timeout=240)))
+
+
+@pytest.fixture(scope="module")
+def single_runs(setup_dir, fsdp_runs) -> dict[str, Path]:
+    """The same runs on one process with micro-batches twice as large, plus a resume from an FSDP checkpoint."""
+    fsdp_checkpoint = setup_dir["root"] / "out-fsdp" / "step-000004"
+    jobs = [
+        ("single-calibrated", "full", [*CALIBRATED, "--train.micro_batch_size", "4"], None),
+        ("single-lora", "lora", [*LORA, "--train.micro_batch_size", "4"], None),
+        ("single-from-fsdp", "full", [*CALIBRATED, "--train.micro_batch_size", "4", "--resume", str(fsdp_checkpoint)],
+         None),
+    ]
+    return dict(zip([name for name, *_ in jobs], run_jobs(setup_dir, jobs, devices=1, timeout=240)))
+
+
+def max_difference(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_fsdp_shards_drops_alike_and_matches_one_process(setup_dir, fsdp_runs, single_runs):
+    (rank0, weights0), (rank1, weights1) = records(fsdp_runs["fsdp"])
+    ((single, single_weights),) = records(single_runs["single-calibrated"], world_size=1)
+    assert rank0["sharded"] and rank1["sharded"] and not single["sharded"]
+    for rank in (rank0, rank1):  # each rank holds half of every weight (each of these splits evenly)
+        assert 2 * rank["local_numel"] == rank["full_numel"]
+    assert len(rank0["decisions"]) == 8 * 2
+    assert rank0["decisions"] == rank1["decisions"] == single["decisions"]
+    assert len({tuple(d) for d in rank0["decisions"]}) > 1
+    assert_same_weights(weights0, weights1)  # whole weights, gathered from both ranks' shards
+    initial = torch.load(setup_dir["checkpoint_dir"] / "lit_model.pth", weights_only=True)
+    assert not torch.equal(single_weights["lm_head.weight"], initial["lm_head.weight"])  # it trained
+    assert_same_weights(weights0, single_weights, exact=False)
+    print(f"FSDP vs one process: max weight difference {max_difference(weights0, single_weights):.2e}")
+
+
+def test_fsdp_calibration_measures_whole_gradients_and_allocates_alike(fsdp_runs, single_runs):
+    (rank0, _), (rank1, _) = records(fsdp_runs["fsdp"])
+    ((single, _),) = records(single_runs["single-calibrated"], world_size=1)
+    assert rank0["sensitivities"] is not None and rank0["sensitivities"] == rank1["sensitivities"]
+    # Each rank saw 2 of the 4 calibration samples; with the gradients averaged over the ranks before any norm,
+    # the sensitivities are those of the whole batch's full gradients, as one process measures them.
+    torch.testing.assert_close(torch.tensor(rank0["sensitivities"]), torch.tensor(single["sensitivities"]),
+                               rtol=1e-6, atol=0)
+    assert rank0["drop_rates"] == rank1["drop_rates"] == single["drop_rates"] != [0.875] * 4
+
+
+def test_fsdp_resume_is_exact_and_checkpoints_read_like_one_process(setup_dir, fsdp_runs, single_runs):
+    from lit_gpt.checkpoint import load_finetuned
+    from lit_gpt.training import TRAINING_STATE_FILE
+
+    out_dir = setup_dir["root"] / "out-fsdp-resumed"
+    assert [p.name for p in sorted(out_dir.glob("step-*"))] == ["step-000004", "step-000008"]
+    (_, straight), _ = records(fsdp_runs["fsdp"])
+    (record, weights), (_, weights1) = records(fsdp_runs["fsdp-resumed"])
+    assert len(record["decisions"]) == 4 * 2  # only the last four steps ran
+    assert_same_weights(weights, straight)
+    assert_same_weights(weights1, straight)
+    # final/ loads like a one-process run's, and the optimizer state is whole tensors keyed by parameter index
+    assert_same_weights(load_finetuned(setup_dir["root"] / "out-fsdp" / "final").state_dict(), straight)
+    # the optimizer state holds whole tensors in one process's format: the same entries as one process writes
+    fsdp_state, single_state = (torch.load(setup_dir["root"] / f"out-{name}" / "step-000008" / TRAINING_STATE_FILE,
+                                           weights_only=False)["optimizer"] for name in ("fsdp", "single-calibrated"))
+    assert fsdp_state["param_groups"] == single_state["param_groups"]
+    assert fsdp_state["state"].keys() == single_state["state"].keys() and fsdp_state["state"]
+    for index, values in fsdp_state["state"].items():
+        assert type(values["exp_avg"]) is torch.Tensor and values["exp_avg"].shape == single_state["state"][index]["exp_avg"].shape
+    # one process resumes the FSDP checkpoint and ends where one process alone does
+    ((_, from_fsdp),) = records(single_runs["single-from-fsdp"], world_size=1)
+    ((_, single),) = records(single_runs["single-calibrated"], world_size=1)
+    assert_same_weights(from_fsdp, single, exact=False)
+
+
+def test_fsdp_lora_skips_backward_together_and_keeps_the_frozen_base_out_of_the_optimizer(fsdp_runs, single_runs):
+    # No adapter on the head: whenever all four branches are dropped nothing trainable can get a gradient, so
+    # both ranks skip backward(); the launch's timeout catches a hang.
+    (rank0, weights0), (rank1, weights1) = records(fsdp_runs["fsdp-lora"])
+    ((single, single_weights),) = records(single_runs["single-lora"], world_size=1)
+    assert rank0["decisions"] == rank1["decisions"] == single["decisions"]
+    steps = [(all(rank0["decisions"][2 * s]), all(rank0["decisions"][2 * s + 1])) for s in range(8)]
+    assert (False, True) in steps, "no step skipped only its last backward(): nothing was tested"
+    skipped = sum(all(d) for d in rank0["decisions"])
+    assert skipped and rank0["backward_calls"] == rank1["backward_calls"] == 16 - skipped
+    assert rank0["optimizer_params"] == rank0["trainable_params"]
+    assert rank0["optimizer_params"] and all("lora_" in name for name in rank0["optimizer_params"])
+    assert rank0["sensitivities"] == rank1["sensitivities"] and rank0["drop_rates"] == rank1["drop_rates"]
+    assert_same_weights(weights0, weights1)
+    assert_same_weights(weights0, single_weights, exact=False)
+
+
+def test_fsdp_activation_checkpointing_changes_nothing(fsdp_runs):
+    (record, weights), _ = records(fsdp_runs["fsdp-checkpointed"])
+    (straight_record, straight), _ = records(fsdp_runs["fsdp"])
+    assert record["decisions"] == straight_record["decisions"]
+    assert record["sensitivities"] == pytest.approx(straight_record["sensitivities"], rel=1e-6)
+    assert_same_weights(weights, straight, exact=False)
+
+
+def test_fsdp_refuses_what_it_cannot_shard(setup_dir):
+    from lit_gpt.training import parse_args, validate
+    from lit_gpt.utils import UserError
+
+    base = ["--checkpoint_dir", str(setup_dir["checkpoint_dir"]), "--data_dir", str(setup_dir["data_dir"])]
+    cases = [("qlora", ["--strategy", "fsdp"], "bitsandbytes' 4-bit weights cannot be sharded"),
+             ("qlora", ["--strategy", "fsdp", "--devices", "2"], "QLoRA runs on one device"),
+             ("full", ["--strategy", "fsdp", "--method", "greentrainer", "--drop_rate", "0"], "greentrainer")]
+    for kind, flags, fragment in cases:
+        with pytest.raises(UserError, match=fragment):
+            validate(parse_args(kind, base + flags))

@@ -189,7 +189,7 @@ def test_bad_flags_fail_in_process_with_one_line(tiny, tmp_path, capsys):
         (["--data_dir", str(tmp_path / "nowhere")], "prepare_alpaca.py"),
         (["--checkpoint_dir", str(tmp_path / "missing")], "does not exist"),
         (["--train.global_batch_size", "3"], "multiple of micro_batch_size"),
-        (["--strategy", "fsdp"], "--strategy fsdp is not supported yet"),
+        (["--strategy", "fsdp", "--quantize", "bnb.nf4"], "QLoRA cannot run under --strategy fsdp"),
         (["--devices", "2", "--quantize", "bnb.nf4"], "QLoRA runs on one device"),
     ]
     for extra, fragment in cases:
