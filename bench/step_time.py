@@ -31,7 +31,6 @@ Columns:
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -45,7 +44,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
 
-from common import default_dtype, machine_description, markdown_table, resolve_device, synchronize  # noqa: E402
+from common import (default_dtype, machine_description, markdown_table, resolve_device, synchronize,  # noqa: E402
+                    write_results)
 
 from dropbp import DropBPHandler  # noqa: E402
 from lit_gpt.config import Config  # noqa: E402
@@ -373,13 +373,8 @@ def main(
     setting = (f"{model_name} shape, random weights, {str(torch_dtype).removeprefix('torch.')}, seq {seq_len}, "
                f"micro-batch {micro_batch_size}, fastest of {steps} steps")
     table = render_table(rows)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    command = ("python bench/step_time.py " + " ".join(sys.argv[1:])).strip()
-    (out / "step_time.md").write_text(f"Machine: {machine}\n\nSetting: {setting}\n\nCommand: `{command}`\n\n{table}\n")
-    (out / "step_time.json").write_text(json.dumps(dict(machine=machine, setting=setting, rows=rows), indent=2))
-    plot(rows, out / "step_time.png", f"{setting}\n{machine}")
-    print(f"Machine: {machine}\nSetting: {setting}\n\n{table}\n\nwrote {out}/step_time.md, .json, .png")
+    write_results(out, "step_time", machine, setting, table, {"rows": rows})
+    plot(rows, Path(out) / "step_time.png", f"{setting}\n{machine}")
     return rows
 
 
