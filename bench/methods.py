@@ -29,11 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
 
-from common import machine_description, markdown_table  # noqa: E402
+from common import finetune_run, machine_description, markdown_table  # noqa: E402
 
 from lit_gpt import GPT, Config  # noqa: E402
 from lit_gpt.data import prepare_instruction_data  # noqa: E402
-from lit_gpt.training import Trainer, parse_args  # noqa: E402
 
 SHAPES = {
     "tiny": dict(n_layer=2, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=128),  # tests/test_finetune.py
@@ -78,8 +77,7 @@ def run(kind: str, flags: list[str], checkpoint_dir: Path, data_dir: Path, out_d
             "--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--train.max_steps", str(steps),
             "--train.warmup_steps", "4", "--train.learning_rate", lr, "--train.eval_interval", str(steps),
             "--train.sample_tokens", "0", "--train.save_interval", "0", *flags]
-    trainer = Trainer(parse_args(kind, argv))
-    trainer.fit()
+    trainer = finetune_run(kind, argv)
     measured, theory = trainer.flops["flops_per_step_measured"], trainer.flops["flops_per_step_theory"]
     step_ms = sorted(trainer.step_ms)
     method = trainer.method

@@ -57,3 +57,11 @@ def test_bad_flags_fail_clearly(tmp_path):
         convergence.main(model_name="Llama-2-7b-hf", work_dir=tmp_path)
     with pytest.raises(UserError, match="--drop_rates must lie in"):
         convergence.main(drop_rates=[1.0], work_dir=tmp_path)
+
+
+def test_runs_put_the_baseline_first_and_override_only_their_own_flags():
+    chosen = convergence.runs([0.5], [True, False], pld_gamma=None, gt_rho=0.7, baseline_learning_rates=[6e-4])
+    assert [label for label, _ in chosen] == ["baseline", "baseline lr 0.0006", "DropBP 0.5",
+                                              "DropBP 0.5 without lr compensation", "GreenTrainer ρ=0.7"]
+    assert chosen[1][1][-2:] == ["--train.learning_rate", "0.0006"]  # appended after the shared flags: it wins
+    assert chosen[3][1][-2:] == ["--lr_compensation", "false"]
