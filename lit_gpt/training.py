@@ -77,7 +77,7 @@ class DropBPArgs:
     recalibrate_every: int | None = None  # optimizer steps between later recalibrations
     allocator: Literal["greedy", "flops"] = "greedy"
     calibration_batch_size: int | None = None  # samples in the calibration batch; default: micro_batch_size
-    lr_compensation: bool = True  # each branch's learning rate times 1 / (1 - p_i), as the paper's library does
+    lr_compensation: bool = False  # each branch's learning rate times 1 / (1 - p_i), as the paper's library does
 
 
 @dataclass

@@ -60,8 +60,8 @@ def test_bad_flags_fail_clearly(tmp_path):
 
 
 def test_runs_put_the_baseline_first_and_override_only_their_own_flags():
-    chosen = convergence.runs([0.5], [True, False], pld_gamma=None, gt_rho=0.7, baseline_learning_rates=[6e-4])
+    chosen = convergence.runs([0.5], [False, True], pld_gamma=None, gt_rho=0.7, baseline_learning_rates=[6e-4])
     assert [label for label, _ in chosen] == ["baseline", "baseline lr 0.0006", "DropBP 0.5",
-                                              "DropBP 0.5 without lr compensation", "GreenTrainer ρ=0.7"]
+                                              "DropBP 0.5 + lr compensation", "GreenTrainer ρ=0.7"]
     assert chosen[1][1][-2:] == ["--train.learning_rate", "0.0006"]  # appended after the shared flags: it wins
-    assert chosen[3][1][-2:] == ["--lr_compensation", "false"]
+    assert chosen[2][1][-2:] == ["--lr_compensation", "false"] and chosen[3][1][-2:] == ["--lr_compensation", "true"]
