@@ -36,15 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder o
 from common import (finetune_run, machine_description, markdown_table, resolve_device, smollm2_checkpoint,  # noqa: E402
                     wordnet_data)
 
+from dropbp.allocation import dropped_fraction  # noqa: E402
 from lit_gpt.utils import UserError, run_cli  # noqa: E402
 
 REAL_MODEL = "SmolLM2-135M-Instruct"
 ALLOCATIONS = ("uniform", "sensitivity")  # uniform first: the reference of each pair
-
-
-def flops_weighted_mean(rates: list[float], flops: list[float]) -> float:
-    """The drop rate that the target constrains: the share of the branches' backward FLOPs dropped."""
-    return math.fsum(p * f for p, f in zip(rates, flops)) / math.fsum(flops)
 
 
 def summarise_run(trainer, learning_rate: float, allocation: str, wall_seconds: float) -> dict:
@@ -63,7 +59,7 @@ def summarise_run(trainer, learning_rate: float, allocation: str, wall_seconds: 
         "drop_rates": final["drop_rates"],
         "sensitivities": final["sensitivities"],
         "backward_flops": final["backward_flops"],
-        "allocated_drop_rate": flops_weighted_mean(final["drop_rates"], final["backward_flops"]),
+        "allocated_drop_rate": dropped_fraction(final["drop_rates"], final["backward_flops"]),  # what the target constrains
         "realised_drop_rate": trainer.handler.mean_realised_drop_rate,
         "train_seconds": trainer.train_seconds,
         "train_flops": math.fsum(trainer.step_flops),
