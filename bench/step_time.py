@@ -50,7 +50,7 @@ from common import (default_dtype, machine_description, markdown_table, resolve_
 from dropbp import DropBPHandler  # noqa: E402
 from lit_gpt.config import Config  # noqa: E402
 from lit_gpt.lora import LoRAConfig, add_lora  # noqa: E402
-from lit_gpt.methods.flops import current_training_flops  # noqa: E402
+from lit_gpt.flops import current_training_flops  # noqa: E402
 from lit_gpt.model import GPT  # noqa: E402
 from lit_gpt.utils import UserError, parse_dtype, run_cli  # noqa: E402
 

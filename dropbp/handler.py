@@ -63,7 +63,7 @@ class DropBPHandler:
             layer.drop_rate = float(p)
 
     def set_branch_flops(self, flops: Sequence[float]) -> None:
-        """Per-branch backward FLOPs for allocation, e.g. from `dropbp.flops` with the real sequence length."""
+        """Per-branch backward FLOPs for allocation, e.g. from a cost model at the real sequence length."""
         if len(flops) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} FLOPs values, got {len(flops)}")
         for layer, f in zip(self.layers, flops):

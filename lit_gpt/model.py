@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dropbp.flops import attention_flops, mlp_flops
 from dropbp.layer import DropBP
 from lit_gpt.config import Config
 
@@ -116,11 +115,9 @@ class Block(nn.Module):
         self.norm_2 = build_norm(config)
         self.mlp = build_mlp(config)
         self.parallel_residual = config.parallel_residual
-        # Relative FLOPs at full length; training sets the real ones for its sequence length and method.
-        self.dropbp_attn = DropBP(self.attention_branch, modules=(self.norm_1, self.attn),
-                                  flops=attention_flops(config, config.block_size, "full").backward)
-        self.dropbp_mlp = DropBP(self.mlp_branch, modules=(self.norm_2, self.mlp),
-                                 flops=mlp_flops(config, config.block_size, "full").backward)
+        # Their backward FLOPs, which allocation weighs, come from the cost model (lit_gpt/flops.py) at training time.
+        self.dropbp_attn = DropBP(self.attention_branch, modules=(self.norm_1, self.attn))
+        self.dropbp_mlp = DropBP(self.mlp_branch, modules=(self.norm_2, self.mlp))
         self.keep, self.branch_scale = True, 1.0  # set per micro-batch by Progressive Layer Dropping
 
     def attention_branch(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:

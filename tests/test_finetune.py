@@ -16,6 +16,7 @@ from conftest import ROOT, add_sentencepiece_tokenizer, assert_one_line_error, r
 from lit_gpt import Config
 from lit_gpt.checkpoint import load_finetuned, load_model
 from lit_gpt.lora import LoRALinear
+from lit_gpt.train_state import step_checkpoints
 from lit_gpt.training import TRAINING_STATE_FILE, Trainer, cli
 
 # in_features must be a multiple of bitsandbytes' 4-bit block size (64) for the QLoRA run.
@@ -126,8 +127,8 @@ def test_sensitivity_none_keeps_the_rates_uniform(tiny, tmp_path):
     history = json.loads((tmp_path / "drop_rates.json").read_text())
     assert [entry["allocator"] for entry in history] == ["uniform"]
     state = torch.load(tmp_path / "step-000010" / TRAINING_STATE_FILE, weights_only=False)
-    assert state["dropbp"]["drop_rates"] == [0.875] * 4
-    assert state["dropbp"]["step"] == 10 * 2  # one decision per micro-batch
+    assert state["method"]["handler"]["drop_rates"] == [0.875] * 4
+    assert state["method"]["handler"]["step"] == 10 * 2  # one decision per micro-batch
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
@@ -207,7 +208,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny, t
     result = run_finetune("full", *flags(tiny, out_dir, "--train.learning_rate", "1e30", "--train.warmup_steps", "0",
                                          "--train.save_interval", "1"))
     assert_error_line(result, "at optimizer step 2", "step-000001", "--resume auto")
-    assert [p.name for p in Trainer.checkpoints(out_dir)] == ["step-000001"]
+    assert [p.name for p in step_checkpoints(out_dir)] == ["step-000001"]
     assert not (out_dir / "final").exists()
     assert not list(out_dir.glob(".*partial"))
 

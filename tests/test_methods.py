@@ -14,7 +14,7 @@ from dropbp import DropBPHandler
 from dropbp.flops import step_flops
 from lit_gpt import GPT, Config
 from lit_gpt.lora import LoRAConfig, LoRALinear, add_lora
-from lit_gpt.methods.flops import cost_profile, current_training_flops, training_flops, units
+from lit_gpt.flops import cost_profile, current_training_flops, training_flops, units
 from lit_gpt.methods.greentrainer import (
     GreenTrainer, backward_budget, normalise, quantize_costs, select_tensors, selection_cost, tensor_flops,
     tensor_importance,

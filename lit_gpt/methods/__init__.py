@@ -1,11 +1,12 @@
 """The seeds' methods on one training loop: `--method {dropbp,pld,greentrainer,none}`.
 
-- `dropbp`: drop backward passes of residual branches (`--drop_rate`, see dropbp/); the Trainer owns its handler.
+- `dropbp`: drop backward passes of residual branches (`--drop_rate`, `dropbp.py` over the `dropbp/` library).
 - `pld`: Progressive Layer Dropping (`pld.py`), whole blocks skipped in forward and backward.
 - `greentrainer`: GreenTrainer (`greentrainer.py`), only the tensors worth their backward FLOPs train.
 - `none`: plain fine-tuning.
 
-Every method's FLOPs are accounted the same way (`flops.py`): one micro-batch is counted with
+Each is a `TrainingMethod` (`base.py`): the loop calls its hooks and gives it a narrow `RunContext`, never
+itself. Every method's FLOPs are accounted the same way (`lit_gpt/flops.py`): one micro-batch is counted with
 `torch.utils.flop_counter.FlopCounterMode` and priced by the cost model, side by side.
 """
 
@@ -15,7 +16,10 @@ import statistics
 from dataclasses import dataclass
 from typing import Literal
 
-from lit_gpt.methods.base import TrainingMethod
+import torch.nn as nn
+
+from lit_gpt.methods.base import RunContext, TrainingMethod
+from lit_gpt.methods.dropbp import DropBPArgs, check_dropbp_args
 from lit_gpt.utils import UserError
 
 MethodName = Literal["dropbp", "pld", "greentrainer", "none"]
@@ -32,11 +36,12 @@ class MethodArgs:
     gt_interval: int = 1  # GreenTrainer: epochs between tensor selections
 
 
-def check_method_args(method: MethodArgs, drop_rate: float) -> None:
+def check_method_args(method: MethodArgs, dropbp: DropBPArgs) -> None:
     """Fail on user mistakes before anything heavy is loaded."""
-    if method.name != "dropbp" and drop_rate > 0:
-        raise UserError(f"--drop_rate {drop_rate} drops backward passes, which is --method dropbp: pass --drop_rate 0 "
-                        f"with --method {method.name}")
+    check_dropbp_args(dropbp)
+    if method.name != "dropbp" and dropbp.drop_rate > 0:
+        raise UserError(f"--drop_rate {dropbp.drop_rate} drops backward passes, which is --method dropbp: pass "
+                        f"--drop_rate 0 with --method {method.name}")
     if not 0.0 < method.pld_theta <= 1.0 or method.pld_gamma < 0:
         raise UserError(f"--pld_theta must be in (0, 1] and --pld_gamma non-negative, got {method.pld_theta} and "
                         f"{method.pld_gamma}: 1 keeps every block, 0.5 keeps the last block half of the time")
@@ -46,24 +51,25 @@ def check_method_args(method: MethodArgs, drop_rate: float) -> None:
         raise UserError(f"--gt_interval counts epochs between selections and must be at least 1, got {method.gt_interval}")
 
 
-def build_method(trainer) -> TrainingMethod:
-    """The method object for a Trainer whose model and optimizer are set up."""
-    from lit_gpt.training import fabric_module
+def build_method(method: MethodArgs, dropbp: DropBPArgs, model: nn.Module, full_finetuning: bool,
+                 micro_batch_size: int, mean_seq_length: int, seed: int) -> TrainingMethod:
+    """The method object for `model` (unwrapped, with its trainable parameters set), before the optimizer exists."""
+    if method.name == "dropbp" and dropbp.drop_rate > 0:
+        from lit_gpt.methods.dropbp import DropBP
 
-    args, model = trainer.args.method, fabric_module(trainer.model)
-    if args.name == "pld":
+        return DropBP(model, dropbp, full_finetuning, calibration_batch_size=micro_batch_size, seed=seed)
+    if method.name == "pld":
         from lit_gpt.methods.pld import ProgressiveLayerDrop
 
-        return ProgressiveLayerDrop(model, args.pld_theta, args.pld_gamma, seed=trainer.args.seed)
-    if args.name == "greentrainer":
+        return ProgressiveLayerDrop(model, method.pld_theta, method.pld_gamma, seed=seed)
+    if method.name == "greentrainer":
         from lit_gpt.methods.greentrainer import GreenTrainer
 
-        lengths = trainer.stream.lengths
         try:
-            return GreenTrainer(model, args.gt_rho, args.gt_interval, seq_len=max(1, round(sum(lengths) / len(lengths))))
+            return GreenTrainer(model, method.gt_rho, method.gt_interval, seq_len=mean_seq_length)
         except ValueError as e:
             raise UserError(f"--gt_rho: {e}") from None
-    return TrainingMethod(args.name)
+    return TrainingMethod(method.name)
 
 
 def summary_line(name: str, flops: dict[str, float], step_ms: list[float], step_flops: list[float],
@@ -86,4 +92,5 @@ def summary_line(name: str, flops: dict[str, float], step_ms: list[float], step_
     return "summary: " + ", ".join(parts)
 
 
-__all__ = ["MethodArgs", "MethodName", "TrainingMethod", "build_method", "check_method_args", "summary_line"]
+__all__ = ["DropBPArgs", "MethodArgs", "MethodName", "RunContext", "TrainingMethod", "build_method", "check_method_args",
+           "summary_line"]

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lit_gpt.methods.base import TrainingMethod
-from lit_gpt.methods.flops import Op, cost_profile, training_flops, units
+from lit_gpt.flops import Op, cost_profile, training_flops, units
+from lit_gpt.methods.base import RunContext, TrainingMethod
+from lit_gpt.utils import UserError
 
 LEVELS = 1000  # the paper's cost resolution (its reference code's Tq)
 
@@ -231,38 +232,22 @@ class GreenTrainer(TrainingMethod):
         """Backward FLOPs of the current selection, as a fraction of the full backward pass (unquantised)."""
         return selection_cost(self.t_dy, self.t_dw, self.selected) / self.full_backward_flops
 
-    def before_step(self, trainer) -> None:
-        epoch = trainer.step * trainer.accumulation // trainer.stream.per_epoch
+    def before_step(self, run: RunContext) -> None:
+        epoch = run.step * run.accumulation // run.micro_batches_per_epoch
         due = epoch // self.interval * self.interval
         if self.selected_epoch != due:
-            self.select(trainer)
+            self.select(run)
             self.selected_epoch = due
 
-    def select(self, trainer) -> None:
+    def select(self, run: RunContext) -> None:
         """Importance from one real step on this optimizer step's batch, then the DP; applied at once."""
-        from lit_gpt.training import cosine_lr, next_token_loss
-
         start = time.perf_counter()
-        lr = cosine_lr(trainer.step, trainer.args.train, trainer.max_steps)
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = lr
-
-        def backward() -> None:  # this step's global batch, with gradients averaged over ranks as in training
-            sync_itself = trainer.averages_gradients_itself
-            with trainer.fabric.no_backward_sync(trainer.model, enabled=sync_itself):
-                for micro in range(trainer.accumulation):
-                    input_ids, labels = trainer.stream[trainer.step * trainer.accumulation + micro]
-                    device = trainer.fabric.device
-                    loss = next_token_loss(trainer.model(input_ids.to(device)), labels.to(device))
-                    trainer.fabric.backward(loss / trainer.accumulation)
-            if sync_itself:
-                trainer.average_gradients()
-
-        raw = tensor_importance([u.params for u in self.units], backward, trainer.optimizer)
+        self.set_learning_rate(run.optimizer, run.learning_rate(run.step))
+        raw = tensor_importance([u.params for u in self.units], run.run_micro_batches, run.optimizer)
         self.importance = normalise(raw).tolist()
         self.apply(self.choose(self.importance))
-        trainer.fabric.print(
-            f"step {trainer.step}: GreenTrainer trains {int(self.selected.sum())} of {len(self.units)} tensors, "
+        run.print(
+            f"step {run.step}: GreenTrainer trains {int(self.selected.sum())} of {len(self.units)} tensors, "
             f"{self.backward_fraction:.3f} of the backward FLOPs (budget {self.rho_bp:.3f}), "
             f"importance kept {self.objective:.3f} ({time.perf_counter() - start:.1f} s)"
             + ("" if self.selected.any() else f"; nothing fits --gt_rho {self.rho} or helps: this epoch trains nothing"))
@@ -278,8 +263,6 @@ class GreenTrainer(TrainingMethod):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if state["units"] != [u.name for u in self.units]:
-            from lit_gpt.utils import UserError
-
             raise UserError("the checkpoint's GreenTrainer tensors differ from this model's: resume with the same "
                             "--lora.* flags")
         self.importance, self.selected_epoch, self.objective = state["importance"], state["selected_epoch"], state["objective"]

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from dropbp.sampling import decision_generator
-from lit_gpt.methods.base import TrainingMethod
+from lit_gpt.methods.base import RunContext, TrainingMethod
 
 
 def pld_theta(step: int, theta_bar: float = 0.5, gamma: float = 0.001) -> float:
@@ -66,8 +66,8 @@ class ProgressiveLayerDrop(TrainingMethod):
     def set_step(self, step: int) -> None:
         self.theta = pld_theta(step, self.theta_bar, self.gamma)
 
-    def before_step(self, trainer) -> None:
-        self.set_step(trainer.step)
+    def before_step(self, run: RunContext) -> None:
+        self.set_step(run.step)
 
     @property
     def keep_probs(self) -> list[float]:

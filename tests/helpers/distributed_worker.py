@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from lit_gpt.training import Trainer, fabric_module, parse_args
+from lit_gpt.parallel import fabric_module, gathered_state_dict
+from lit_gpt.training import Trainer, parse_args
 
 
 class Crashed(Exception):
@@ -42,15 +43,16 @@ def split_jobs(argv: list[str]) -> list[tuple[str, str, int | None, list[str]]]:
 def run_job(record_dir: str, kind: str, crash_after_step: int | None, flags: list[str]) -> None:
     trainer = Trainer(parse_args(kind, flags))
     decisions: list[list[bool]] = []
-    if trainer.handler is not None:
-        draw = trainer.handler.draw
+    handler = getattr(trainer.method, "handler", None)  # DropBP's, at a positive --drop_rate
+    if handler is not None:
+        draw = handler.draw
 
         def recording_draw():
             mask = draw()
             decisions.append(mask.tolist())
             return mask
 
-        trainer.handler.draw = recording_draw
+        handler.draw = recording_draw
     backward_calls = 0
     backward = trainer.fabric.backward
 
@@ -75,13 +77,12 @@ def run_job(record_dir: str, kind: str, crash_after_step: int | None, flags: lis
     Path(record_dir).mkdir(parents=True, exist_ok=True)
     model = fabric_module(trainer.model)
     if trainer.sharded:
-        weights = trainer.gathered_state_dict(adapters_only=False, everywhere=True)
+        weights = gathered_state_dict(trainer.fabric, trainer.model, adapters_only=False, everywhere=True)
     else:
         weights = model.state_dict()
     torch.save(weights, Path(record_dir) / f"rank{rank}.pth")
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
     names = {id(p): n for n, p in model.named_parameters()}
-    handler = trainer.handler
     record = {"decisions": decisions, "world_size": trainer.fabric.world_size, "sharded": trainer.sharded,
               "drop_rates": handler.drop_rates if handler else None,
               "sensitivities": handler.sensitivities if handler else None,

@@ -1,4 +1,7 @@
-"""Training FLOPs of a `lit_gpt.GPT`, op by op, shared by every method's accounting and by GreenTrainer.
+"""The one cost model: training FLOPs of a `lit_gpt.GPT`, op by op.
+
+It prices every step the loop runs, whatever the method; DropBP allocates its drop rates with the per-branch FLOPs
+it gives (`CostModel.branch_backward_flops`), and GreenTrainer selects tensors with its per-tensor costs.
 
 `cost_profile(model, seq_len)` lists the model's ops in backward order (loss first, embedding last). Each op
 has its forward FLOPs, the FLOPs that pass the gradient from its output to its input (`input_grad`), and its
@@ -9,9 +12,9 @@ units, dropped branches (DropBP) and skipped blocks (PLD):
     backward = sum of input_grad over the ops above the deepest trained unit + sum of trained units' weight_grad
 
 which is exactly what autograd computes: an op's input gradient is only needed when something below it
-trains. Counts use the conventions of `dropbp/flops.py` (2 FLOPs per multiply-add, causal attention core,
-4 FLOPs per logit for the loss); norms count one FLOP per element for each pass, as GreenTrainer's profiler
-does. `torch.utils.flop_counter.FlopCounterMode` counts matrix products only, and on CPU it does not see the
+trains. Counts are 2 FLOPs per multiply-add; the attention core is causal (half of QK^T and AV, and twice that
+in backward for the gradients of q, k and v); the loss is 4 FLOPs per logit (max, exp, sum and log-softmax,
+roughly); norms count one FLOP per element for each pass, as GreenTrainer's profiler does. `torch.utils.flop_counter.FlopCounterMode` counts matrix products only, and on CPU it does not see the
 attention core at all (the CPU flash kernel has no formula), so measured/theory sits slightly below 1.
 `flop_counter()` teaches it bitsandbytes' 4-bit matmul, QLoRA's forward.
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -163,20 +166,73 @@ def training_flops(ops: list[Op], trained: set[int] | None = None, skipped_block
     return forward, backward
 
 
-def current_training_flops(model: nn.Module, seq_len: int) -> tuple[float, float]:
+def current_training_flops(model: nn.Module, seq_len: int, ops: list[Op] | None = None) -> tuple[float, float]:
     """(forward, backward) FLOPs of one sequence with the decisions the model holds right now.
 
     Reads which tensors require a gradient (GreenTrainer's selection, a frozen base), which blocks are skipped
     (PLD's `keep`) and which branches drop their backward (DropBP's `dropped`), so it prices the micro-batch
-    that just ran, whatever the method.
+    that just ran, whatever the method. `ops`: the model's profile at `seq_len`, if already built.
     """
-    ops = cost_profile(model, seq_len, trainable_parameters(model))
-    trained = {id(u) for u in units(ops) if all(p.requires_grad for p in u.params)}
+    ops = cost_profile(model, seq_len) if ops is None else ops
+    trained = _trained(ops)
     blocks = model.transformer.h
     skipped = [i for i, b in enumerate(blocks) if b.training and not b.keep]
     dropped = [(i, name) for i, b in enumerate(blocks) for name, layer in (("attn", b.dropbp_attn), ("mlp", b.dropbp_mlp))
                if layer.training and layer.dropped]
     return training_flops(ops, trained, skipped, dropped)
+
+
+def _trained(ops: list[Op]) -> set[int]:
+    return {id(u) for u in units(ops) if all(p.requires_grad for p in u.params)}
+
+
+BRANCHES = ("attn", "mlp")  # a block's residual branches, in the order its DropBP layers run
+
+
+class CostModel:
+    """The cost profile of one model, built once per sequence length and reused for every price.
+
+    Build it once the model has its final parameters (after LoRA, quantization and any sharding): units are keyed
+    by the parameter objects.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._profiles: dict[int, list[Op]] = {}
+
+    def profile(self, seq_len: int) -> list[Op]:
+        if seq_len not in self._profiles:
+            self._profiles[seq_len] = cost_profile(self.model, seq_len)
+        return self._profiles[seq_len]
+
+    def current(self, seq_len: int) -> tuple[float, float]:
+        """(forward, backward) FLOPs of one sequence with the model's current decisions (`current_training_flops`)."""
+        return current_training_flops(self.model, seq_len, self.profile(seq_len))
+
+    def branch_backward_flops(self, seq_len: int) -> list[float]:
+        """Backward FLOPs that dropping each branch alone saves, in model order (attention 0, MLP 0, attention 1, ...).
+
+        This is the F_i that DropBP's allocation spends its budget with: the same prices as the steps it saves.
+        """
+        ops, n_layer = self.profile(seq_len), len(self.model.transformer.h)
+        trained = _trained(ops)
+        full = training_flops(ops, trained)[1]
+        return [full - training_flops(ops, trained, no_backward=[(block, branch)])[1]
+                for block in range(n_layer) for branch in BRANCHES]
+
+    def theoretical_saving(self, seq_len: int, drop_rates: Sequence[float] | float) -> float:
+        """Expected share of a training step's FLOPs that DropBP saves at these rates, embedding, head and loss included.
+
+        For blocks alone this tends to the paper's 2p/3 (full fine-tuning) and p/2 (LoRA, QLoRA); the head, the loss
+        and the attention core pull the real figure below that.
+        """
+        savings = self.branch_backward_flops(seq_len)
+        if isinstance(drop_rates, (int, float)):
+            drop_rates = [float(drop_rates)] * len(savings)
+        if len(drop_rates) != len(savings):
+            raise ValueError(f"expected {len(savings)} drop rates, got {len(drop_rates)}")
+        forward, backward = training_flops(self.profile(seq_len), _trained(self.profile(seq_len)))
+        return sum(p * s for p, s in zip(drop_rates, savings)) / (forward + backward)
 
 
 def flop_counter() -> FlopCounterMode:

@@ -1,0 +1,163 @@
+"""DropBP as a training method: the handler, its calibration schedule, LR compensation, history and state.
+
+Every micro-batch the handler draws which residual branches skip their backward pass (see `dropbp/`). At
+`sensitivity_at` of the optimizer steps (and every `recalibrate_every` steps after, if set) the method measures
+every branch's sensitivity on a calibration batch and reallocates the drop rates. Each allocation is recorded in
+`drop_rates.json`, and the latest is drawn in `drop_rates.png`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from dropbp import DropBPHandler
+from lit_gpt.flops import CostModel
+from lit_gpt.loss import next_token_loss
+from lit_gpt.methods.base import RunContext, TrainingMethod
+from lit_gpt.utils import UserError
+
+
+@dataclass
+class DropBPArgs:
+    """How backward passes are dropped (see dropbp/). `drop_rate` 0 trains normally."""
+
+    drop_rate: float = 0.0
+    sensitivity: Literal["auto", "none", "grad", "gradnorm"] = "auto"  # auto: gradnorm for full, grad for LoRA
+    sensitivity_at: float = 0.1  # calibrate after this fraction of the optimizer steps
+    recalibrate_every: int | None = None  # optimizer steps between later recalibrations
+    allocator: Literal["greedy", "flops"] = "greedy"
+    calibration_batch_size: int | None = None  # samples in the calibration batch; default: micro_batch_size
+    lr_compensation: bool = False  # each branch's learning rate times 1 / (1 - p_i), as the paper's library does
+
+
+def check_dropbp_args(args: DropBPArgs) -> None:
+    """Fail on user mistakes before anything heavy is loaded."""
+    if not 0.0 <= args.drop_rate < 1.0:
+        raise UserError(f"--drop_rate must be in [0, 1), got {args.drop_rate}: 0 trains normally, 0.875 drops 7 of 8 "
+                        "backward passes, and 1 would never train the blocks")
+    if not 0.0 <= args.sensitivity_at < 1.0:
+        raise UserError(f"--sensitivity_at is a fraction of the optimizer steps in [0, 1), got {args.sensitivity_at}")
+
+
+class DropBP(TrainingMethod):
+    """`--method dropbp` at a positive `--drop_rate`.
+
+    Args:
+        model: a model whose residual branches run through `dropbp.DropBP` layers (every `lit_gpt.GPT`).
+        args: the DropBP flags.
+        full_finetuning: picks the `auto` sensitivity metric: gradient norms, the cheap one, for full
+            fine-tuning; whole gradients for LoRA and QLoRA, as in the paper.
+        calibration_batch_size: samples in the calibration batch when `args` does not say.
+        seed: seed of the decision generator and of the calibration batches; the same on every rank.
+    """
+
+    def __init__(self, model: nn.Module, args: DropBPArgs, full_finetuning: bool, calibration_batch_size: int,
+                 seed: int) -> None:
+        super().__init__("dropbp")
+        self.args, self.seed = args, seed
+        self.metric = args.sensitivity if args.sensitivity != "auto" else ("gradnorm" if full_finetuning else "grad")
+        self.calibration_batch_size = args.calibration_batch_size or calibration_batch_size
+        self.handler = DropBPHandler(model, seed=seed, lr_compensation=args.lr_compensation)
+        self.handler.set_initial_drop_rate(args.drop_rate)
+        self.history: list[dict] = []  # every allocation: the uniform start, then each calibration
+        self._realised: list[float] = []  # this step's micro-batches
+        self._calibration_steps: set[int] = set()
+
+    # -------------------------------------------------------------- optimizer and schedule
+    def param_groups(self, params: list[nn.Parameter]) -> list[dict]:
+        return self.handler.split_param_groups([{"params": params}])  # one group per branch, for compensation
+
+    def set_learning_rate(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
+        self.handler.set_lr(optimizer, lr)
+
+    def calibration_steps(self, max_steps: int) -> set[int]:
+        """The optimizer steps before which the drop rates are recalibrated from sensitivity."""
+        if self.metric == "none":
+            return set()
+        first, every = int(self.args.sensitivity_at * max_steps), self.args.recalibrate_every
+        return set(range(first, max_steps, every)) if every else {first}
+
+    # -------------------------------------------------------------- loop hooks
+    def start(self, run: RunContext) -> None:
+        # Allocation weighs branches by the backward FLOPs dropping them saves, at the mean training length. A branch
+        # whose backward costs nothing (no adapter in it, nothing trainable below it) keeps 1 FLOP: allocators divide.
+        flops = CostModel(run.model).branch_backward_flops(run.mean_seq_length)
+        self.handler.set_branch_flops([max(1.0, f) for f in flops])
+        self._calibration_steps = self.calibration_steps(run.max_steps)
+        if not self.history:
+            self.record(run, calibration=None)
+
+    def before_step(self, run: RunContext) -> None:
+        if run.step in self._calibration_steps:
+            self.calibrate(run)
+
+    def skip_backward(self) -> bool:
+        return self.handler.detect_non_grad()
+
+    def after_micro_batch(self) -> None:
+        self._realised.append(self.handler.realised_drop_rate)
+
+    def metrics(self) -> dict[str, float]:
+        realised, self._realised = self._realised, []
+        return {"realised_drop_rate": sum(realised) / max(1, len(realised))}
+
+    def progress(self) -> dict[str, str]:
+        return {"drop": f"{self.handler.realised_drop_rate:.2f}"}
+
+    # -------------------------------------------------------------- calibration
+    def calibrate(self, run: RunContext) -> None:
+        """Measure every branch's sensitivity on the calibration batch and reallocate the drop rates.
+
+        On several ranks, each rank runs its share of the batch and every parameter gradient the measurement
+        takes is averaged over the ranks (`run.whole_model`): the norms are those of the whole batch's full
+        gradients, as one process would measure them, and every rank allocates the same rates.
+        """
+        input_ids, labels = run.calibration_batch(self.calibration_batch_size, self.seed + run.step)
+
+        def average_over_ranks(sensitivities: list[float]) -> list[float]:
+            return run.all_reduce_mean(torch.tensor(sensitivities, dtype=torch.float64)).tolist()
+
+        with run.whole_model() as model:
+            def calibration_loss() -> torch.Tensor:
+                loss = next_token_loss(model(input_ids), labels)
+                run.check_loss(loss)
+                return loss
+
+            result = self.handler.sensitivity_based_drop_bp(
+                calibration_loss, self.args.drop_rate, metric=self.metric, allocator=self.args.allocator,
+                reduce=average_over_ranks,
+            )
+        run.print(f"step {run.step}: {result.summary()}")
+        self.record(run, calibration=result)
+
+    def record(self, run: RunContext, calibration) -> None:
+        """Append the current allocation to the history, and write `drop_rates.json` and `drop_rates.png`."""
+        entry = {"step": run.step, "target_drop_rate": self.args.drop_rate,
+                 "allocator": self.args.allocator if calibration else "uniform",
+                 "metric": calibration.metric if calibration else None,
+                 "seconds": calibration.seconds if calibration else None,
+                 "drop_rates": self.handler.drop_rates, "sensitivities": self.handler.sensitivities,
+                 "backward_flops": self.handler.branch_flops}
+        self.history.append(entry)
+        if run.is_main:
+            from lit_gpt.plots import plot_drop_rates
+            from lit_gpt.utils import atomic_write_text
+
+            atomic_write_text(run.out_dir / "drop_rates.json", json.dumps(self.history, indent=2))
+            plot_drop_rates(entry, run.out_dir / "drop_rates.png")
+
+    # -------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "handler": self.handler.state_dict(), "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["name"] == self.name and "handler" not in state:
+            raise UserError("the checkpoint was saved with --drop_rate 0: resume with the same flags")
+        super().load_state_dict(state)
+        self.handler.load_state_dict(state["handler"])
+        self.history = state["history"]
