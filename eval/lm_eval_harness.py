@@ -8,12 +8,15 @@ What it loads: a converted checkpoint or a full fine-tune (`--checkpoint_dir`), 
 written by finetune/*.py (`--lora_path`), whose adapters are merged into the base weights on load.
 `--quantize bnb.nf4` then stores the linear layers in 4 bits (lit_gpt/quantize.py; works on CPU and CUDA).
 
+The model is lm-eval's public `TemplateLM` (it encodes the requests; lm-eval's `Collator` orders them), not its
+`HFLM`, which needs a transformers model: QLoRA as trained (4-bit base, float adapters beside it) has no such form.
+
 The default tasks are the paper's Table 1: MMLU 5-shot and six commonsense tasks 0-shot. Each task keeps
 its own few-shot count inside one `simple_evaluate` call: the tasks are built first, their count is set
 on them, and the built tasks are handed to lm-eval (its `num_fewshot` argument would set one count for all).
 
-Offline task YAMLs (see eval/tasks/) may give `data_files` relative to the YAML's folder; lm-eval itself
-would resolve them against the working directory, so `task_manager` makes them absolute.
+Offline task YAMLs (see eval/tasks/) may give `data_files` relative to the YAML's folder; lm-eval itself would
+resolve them against the working directory, so lm-eval indexes wrappers that `include:` them with absolute paths.
 """
 
 from __future__ import annotations
@@ -24,14 +27,18 @@ import json
 import logging
 import math
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from torch.nn.utils.rnn import pad_sequence
 from lm_eval.api.model import TemplateLM
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, warning_once
+from lm_eval.models.utils import Collator, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.utils import get_rolling_token_windows, ignore_constructor, make_disjoint_window, warning_once
 from tqdm import tqdm
 
 from lit_gpt.checkpoint import (
@@ -56,9 +63,9 @@ log = logging.getLogger(__name__)
 class LitGPTLM(TemplateLM):
     """lm-eval's model interface over a `lit_gpt.GPT` and its `Tokenizer`.
 
-    - `loglikelihood`: one forward pass per batch of requests, longest first; requests with the same input
-      (the choices of a one-token multiple-choice question) share a row. Inputs longer than the block size
-      lose tokens on the left.
+    - `loglikelihood` (TemplateLM's, over `_loglikelihood_tokens`): one forward pass per batch of requests,
+      longest first; requests with the same input (the choices of a one-token multiple-choice question) share a
+      row. Inputs longer than the block size lose tokens on the left.
     - `loglikelihood_rolling`: disjoint windows of `block_size` tokens, the first conditioned on BOS.
     - `generate_until`: one prompt at a time through the KV cache (lit_gpt.generate), cut at the first stop
       string, at most `max_gen_toks` tokens, stopping at the tokenizer's EOS ids; greedy unless sampling.
@@ -115,42 +122,41 @@ class LitGPTLM(TemplateLM):
         tokens of context + continuation minus its final token; the logits at the continuation's positions
         score it.
         """
-        rows: dict[tuple[tuple[int, ...], int], list[int]] = {}
-        for index, (_, context, continuation) in enumerate(requests):
-            if not context or not continuation:
-                raise ValueError("a log-likelihood request needs at least one context and one continuation token")
-            if len(continuation) > self.max_length:
-                raise ValueError(f"a continuation of {len(continuation)} tokens cannot be scored with "
-                                 f"block_size {self.max_length}")
-            tokens = (context + continuation)[-(self.max_length + 1):][:-1]
-            rows.setdefault((tuple(tokens), len(continuation)), []).append(index)
-        # Longest first: the first batch shows at once whether memory suffices, and padding stays small.
-        order = sorted(rows, key=lambda row: -len(row[0]))
-        vocab_size = self.model.config.vocab_size
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        for _, context, continuation in requests:
+            if not context or not continuation or len(continuation) > self.max_length:
+                raise ValueError(f"cannot score a continuation of {len(continuation)} tokens after {len(context)} "
+                                 f"context tokens with block_size {self.max_length}")
+        # As in lm-eval's HF model: longest first (the first batch shows at once whether memory suffices, and
+        # padding stays small); requests whose inputs agree (context + continuation[:-1]) share one row.
+        collator = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
+                            group_by="contexts", group_fn=lambda r: r[1] + r[2][:-1])
+        results = []
         progress = tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            inputs = torch.zeros(len(batch), len(batch[0][0]), dtype=torch.long, device=self.device)
-            for row, (tokens, _) in enumerate(batch):
-                inputs[row, :len(tokens)] = torch.tensor(tokens, device=self.device)
+        for batch in collator.get_batched(n=self.batch_size):
+            inputs = [(context + continuation)[-(self.max_length + 1):][:-1] for _, context, continuation in batch]
             # Right padding is invisible to the real tokens of a causal model: they only attend to the left.
-            logits = self.model(inputs)
-            for row, (tokens, n_continuation) in enumerate(batch):
-                span = logits[row, len(tokens) - n_continuation:len(tokens), :vocab_size]
-                log_probs = span.to(torch.promote_types(span.dtype, torch.float32)).log_softmax(dim=-1)
-                greedy = log_probs.argmax(dim=-1)
-                for index in rows[(tokens, n_continuation)]:
-                    key, _, continuation = requests[index]
-                    target = torch.tensor(continuation, device=self.device)
-                    logprob = log_probs.gather(-1, target[:, None]).sum(dtype=torch.float64).item()
-                    answer = (logprob, bool((greedy == target).all()))
-                    results[index] = answer
+            padded = pad_sequence([torch.tensor(tokens) for tokens in inputs], batch_first=True)
+            logits = self.model(padded.to(self.device))
+            for (key, context, continuation), tokens, row in zip(batch, inputs, logits):
+                span = row[None, len(tokens) - len(continuation):len(tokens)]
+                # One row scores every request of its group; a shorter continuation is the span's tail.
+                for key, continuation, span in collator.get_cache(
+                        req_str=key, cxt_toks=context, cont_toks=continuation, logits=span):
+                    answer = self._score(span[0, -len(continuation):], continuation)
+                    results.append(answer)
                     if key is not None:
                         self.cache_hook.add_partial("loglikelihood", key, answer)
                     progress.update(1)
         progress.close()
-        return results  # type: ignore[return-value]
+        return collator.get_original(results)
+
+    def _score(self, logits: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:
+        """Log-probability of `continuation` under `logits` (one row per token), and whether it is the argmax."""
+        logits = logits[:, :self.model.config.vocab_size]  # the padded vocabulary's extra rows are no tokens
+        log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=-1)
+        target = torch.tensor(continuation, device=log_probs.device)
+        logprob = log_probs.gather(-1, target[:, None]).sum(dtype=torch.float64).item()
+        return logprob, bool((log_probs.argmax(dim=-1) == target).all())
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole texts: disjoint windows of `block_size` predicted tokens, BOS before the first."""
@@ -172,34 +178,31 @@ class LitGPTLM(TemplateLM):
 
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        outputs: list[str] = [""] * len(requests)
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].args[0]))
-        for index in tqdm(order, desc="generate_until", disable=disable_tqdm):
-            context, gen_kwargs = requests[index].args
-            outputs[index] = self.generate(context, **(gen_kwargs or {}))
-            self.cache_hook.add_partial("generate_until", requests[index].args, outputs[index])
+        outputs = []
+        for context, gen_kwargs in tqdm([r.args for r in requests], desc="generate_until", disable=disable_tqdm):
+            outputs.append(self.generate(context, **(gen_kwargs or {})))
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), outputs[-1])
         return outputs
 
     @torch.inference_mode()
-    def generate(self, context: str, until: str | Sequence[str] | None = None, max_gen_toks: int | None = None,
-                 do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
-                 **ignored: Any) -> str:
+    def generate(self, context: str, **gen_kwargs: Any) -> str:
         """The continuation of `context`, cut before the first stop string in `until`.
 
-        At most `max_gen_toks` tokens are generated (the context loses tokens on the left to make room) and an
-        EOS id ends generation. Greedy unless `do_sample` with a positive temperature (1 by default).
+        lm-eval's `normalize_gen_kwargs` reads the request's settings: at most `max_gen_toks` tokens (the context
+        loses tokens on the left to make room), greedy unless `do_sample` (temperature 1 unless given). An EOS
+        id ends generation too.
         """
-        if ignored:
-            warning_once(log, "generate_until ignores the generation settings %s", ", ".join(sorted(ignored)))
-        stops = [s for s in ([until] if isinstance(until, str) else until or []) if s]
-        max_new_tokens = int(max_gen_toks if max_gen_toks is not None else self.max_gen_toks)
-        temperature = float(1.0 if temperature is None else temperature) if do_sample else 0.0
-        prompt = self.tok_encode(context) or [self.prefix_token_id]
-        prompt = prompt[-max(self.max_length - max_new_tokens, 1):]
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        stops, max_new_tokens = [s for s in kwargs.pop("until") if s], kwargs.pop("max_gen_toks")
+        temperature = kwargs.pop("temperature", None)
+        temperature = float(1.0 if temperature is None else temperature) if kwargs.pop("do_sample") else 0.0
+        top_k = kwargs.pop("top_k", None)
+        if kwargs:
+            warning_once(log, "generate_until ignores the generation settings %s", ", ".join(sorted(kwargs)))
+        prompt = (self.tok_encode(context) or [self.prefix_token_id])[-max(self.max_length - max_new_tokens, 1):]
         stop_ids = set(self.tokenizer.stop_ids)
         generator = torch.Generator(device=self.device).manual_seed(self.seed) if temperature > 0 else None
         new_tokens: list[int] = []
-        text = ""
         tokens = generate_tokens(self.model, torch.tensor(prompt, device=self.device), max_new_tokens,
                                  temperature, top_k, stop_ids, generator)
         with contextlib.closing(tokens):  # stopping early still clears the KV cache
@@ -207,24 +210,14 @@ class LitGPTLM(TemplateLM):
                 if token in stop_ids:
                     break
                 new_tokens.append(token)
-                text = self.tokenizer.decode(new_tokens)
-                cut = first_stop(text, stops)
-                if cut is not None:
-                    return text[:cut]
-        return text
-
-
-def first_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Where the earliest stop string in `text` begins, or None."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
+                if any(stop in self.tokenizer.decode(new_tokens) for stop in stops):
+                    break
+        return postprocess_generated_text(self.tokenizer.decode(new_tokens), stops, think_end_token=None)
 
 
 # ---------------------------------------------------------------------- loading
 def _is_lora_folder(folder: Path) -> bool:
     return (folder / HYPERPARAMETERS_FILE).is_file() and load_hyperparameters(folder).get("finetuning") in LORA_METHODS
-
-
 def tokenizer_dir(folder: Path) -> Path:
     """The folder with the tokenizer files: `folder`, or for a fine-tune without them, its base checkpoint."""
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
@@ -253,7 +246,8 @@ def load_checkpoint(checkpoint_dir: Path | None = None, lora_path: Path | None =
     load_device = "cpu" if quantize else device
     if lora_path is not None:
         folder = finetuned_folder(lora_path)
-        if checkpoint_dir is None and _is_lora_folder(folder) and not load_hyperparameters(folder).get("checkpoint_dir"):
+        base_unnamed = _is_lora_folder(folder) and not load_hyperparameters(folder).get("checkpoint_dir")
+        if checkpoint_dir is None and base_unnamed:
             raise UserError(f"{folder} does not name its base model: pass it with --checkpoint_dir")
         model = load_finetuned(folder, checkpoint_dir=checkpoint_dir, device=load_device, dtype=dtype, merge=False)
         if not quantize:
@@ -288,57 +282,52 @@ def fewshot_counts(names: Sequence[str], num_fewshot: int | Mapping[str, int] | 
     return {name: overrides.get(name) for name in names}
 
 
-def task_manager(names: Sequence[str], include_path: str | Path | Sequence[str | Path] | None = None):
-    """An lm-eval `TaskManager` that knows every name in `names`.
+def include_folders(include_path: str | Path | Sequence[str | Path] | None) -> list[Path]:
+    paths = [] if include_path is None else [include_path] if isinstance(include_path, (str, Path)) else include_path
+    folders = [Path(p).expanduser().resolve() for p in paths]
+    for folder in folders:
+        if not folder.is_dir():
+            raise UserError(f"--include_path {str(folder)!r} is not a folder of task YAML files")
+    return folders
 
-    lm-eval's built-in tasks are indexed (about 10 s) only when `include_path` lacks a requested name. Tasks
-    from `include_path` get their relative `data_files` resolved against their YAML's folder.
+
+class _TaskYamlLoader(yaml.SafeLoader):
+    """Reads a task YAML's plain keys; `!function` values are left unresolved (lm-eval's own loader imports them)."""
+
+
+_TaskYamlLoader.add_constructor("!function", ignore_constructor)
+
+
+def absolute_task_folder(folders: Sequence[Path], into: Path) -> dict[str, Path]:
+    """Fill `into` with one YAML per YAML of `folders` that includes the original by its absolute path.
+
+    lm-eval's `include:` keeps everything else as written (`!function` modules, nested includes resolve beside
+    the original); only relative `dataset_kwargs.data_files` are overridden, resolved against the original's folder.
+    Returns each wrapper's original.
     """
-    from lm_eval.tasks import TaskManager
-
-    paths = [] if include_path is None else [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
-    paths = [Path(p).expanduser().resolve() for p in paths]
-    for path in paths:
-        if not path.is_dir():
-            raise UserError(f"--include_path {str(path)!r} is not a folder of task YAML files")
-    manager = TaskManager(include_path=paths, include_defaults=False) if paths else None
-    if manager is None or _unknown(names, manager):
-        manager = TaskManager(include_path=paths or None, include_defaults=True)
-    unknown = _unknown(names, manager)
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else "list them with `lm_eval ls tasks`"
-        where = " or in --include_path" if paths else "; local YAML tasks need --include_path"
-        raise UserError(f"unknown task {unknown[0]!r}: not an lm-eval task{where}; {hint}")
-    _absolute_data_files(manager, paths)
-    return manager
+    originals = {}
+    for number, folder in enumerate(folders):
+        for original in sorted(folder.rglob("*.yaml")):
+            wrapper = into / str(number) / original.relative_to(folder)
+            wrapper.parent.mkdir(parents=True, exist_ok=True)
+            wrapper.write_text(yaml.safe_dump({"include": str(original), **_absolute_data_files(original)}))
+            originals[str(wrapper)] = original
+    return originals
 
 
-def _unknown(names: Sequence[str], manager) -> list[str]:
-    return [name for name in names if not manager.match_tasks([name])]
-
-
-def _absolute_data_files(manager, include_paths: Sequence[Path]) -> None:
-    """Resolve relative `dataset_kwargs.data_files` of the include_path tasks against their YAML's folder.
-
-    Such a task is re-registered in the manager's index with its loaded config (lm-eval 0.4's `Entry.cfg`,
-    used when `yaml_path` is None), so groups that name it get the absolute paths too.
-    """
-    from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's loader: `include:` and `!function` resolved
-
-    for entry in manager.task_index.values():
-        yaml_path = entry.yaml_path
-        if yaml_path is None or not any(Path(yaml_path).resolve().is_relative_to(p) for p in include_paths):
-            continue
-        config = load_yaml(yaml_path, resolve_func=False, recursive=True)
-        data_files = (config.get("dataset_kwargs") or {}).get("data_files") if isinstance(config, dict) else None
-        if data_files is None or "task" not in config or isinstance(config.get("task"), list):
-            continue
-        absolute = _resolve_paths(data_files, Path(yaml_path).resolve().parent)
-        if absolute != data_files:
-            config = load_yaml(yaml_path, resolve_func=True, recursive=True)
-            config["dataset_kwargs"] = {**config["dataset_kwargs"], "data_files": absolute}
-            entry.cfg, entry.yaml_path = config, None
+def _absolute_data_files(yaml_path: Path) -> dict[str, Any]:
+    """`{"dataset_kwargs": ...}` with the YAML's relative data_files made absolute, or {} when none are relative."""
+    try:
+        config = yaml.load(yaml_path.read_text(encoding="utf-8"), Loader=_TaskYamlLoader)  # noqa: S506 (safe base)
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return {}  # not for us to judge: lm-eval skips or reports it
+    dataset_kwargs = config.get("dataset_kwargs") if isinstance(config, dict) else None
+    if not isinstance(dataset_kwargs, dict) or dataset_kwargs.get("data_files") is None:
+        return {}
+    absolute = _resolve_paths(dataset_kwargs["data_files"], yaml_path.parent)
+    if absolute == dataset_kwargs["data_files"]:
+        return {}
+    return {"dataset_kwargs": {**dataset_kwargs, "data_files": absolute}}
 
 
 def _resolve_paths(data_files: Any, folder: Path) -> Any:
@@ -350,6 +339,28 @@ def _resolve_paths(data_files: Any, folder: Path) -> Any:
     if isinstance(data_files, str) and "://" not in data_files and not Path(data_files).expanduser().is_absolute():
         return str(folder / data_files)
     return data_files
+
+
+def task_manager(names: Sequence[str], local: Sequence[Path] = ()):
+    """An lm-eval `TaskManager` that knows every name in `names`: the tasks in the `local` folders, and lm-eval's
+    built-in tasks, indexed (about 10 s) only when a name needs them."""
+    from lm_eval.tasks import TaskManager
+
+    local = list(local)
+    manager = TaskManager(include_path=local, include_defaults=False) if local else None
+    if manager is None or _unknown(names, manager):
+        manager = TaskManager(include_path=local or None, include_defaults=True)
+    unknown = _unknown(names, manager)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "list them with `lm_eval ls tasks`"
+        where = " or in --include_path" if local else "; local YAML tasks need --include_path"
+        raise UserError(f"unknown task {unknown[0]!r}: not an lm-eval task{where}; {hint}")
+    return manager
+
+
+def _unknown(names: Sequence[str], manager) -> list[str]:
+    return [name for name in names if not manager.match_tasks([name])]
 
 
 def _first_line(e: BaseException) -> str:
@@ -370,23 +381,39 @@ def prepare_tasks(tasks: str | Sequence[str] | None = None, num_fewshot: int | M
                   include_path: str | Path | Sequence[str | Path] | None = None) -> Tasks:
     """Find and build the requested tasks and groups, each leaf task set to its own few-shot count."""
     names = task_names(tasks)
-    manager = task_manager(names, include_path)
+    folders = include_folders(include_path)
     built = []
-    for name, shots in fewshot_counts(names, num_fewshot).items():
-        for match in manager.match_tasks([name]):
-            try:  # building a task loads its data set
-                loaded = manager.load([match])
-            except OSError as e:  # ConnectionError, FileNotFoundError: the data is neither cached nor reachable
-                raise UserError(
-                    f"could not load the data of task {match!r} ({_first_line(e)}): lm-eval downloads it "
-                    f"from the Hugging Face Hub into HF_HOME; run once online, or use local tasks (--include_path)"
-                ) from None
-            for task in loaded["tasks"].values():
-                if shots is not None:
-                    task.set_config(key="num_fewshot", value=shots)
-            group = loaded.get("groups", {}).get(match)
-            built.extend([group] if group is not None else loaded["tasks"].values())
+    # Building a task reads its YAML and loads its data; afterwards lm-eval needs neither the YAML files again.
+    with tempfile.TemporaryDirectory(prefix="lm_eval_tasks_") as scratch:
+        originals = absolute_task_folder(folders, Path(scratch))
+        manager = task_manager(names, [Path(scratch)] if folders else [])
+        for name, shots in fewshot_counts(names, num_fewshot).items():
+            for match in manager.match_tasks([name]):
+                loaded = _load_task(manager, match)
+                for task in loaded["tasks"].values():
+                    if shots is not None:
+                        task.set_config(key="num_fewshot", value=shots)
+                    _name_original_yaml(task, originals)
+                group = loaded.get("groups", {}).get(match)
+                built.extend([group] if group is not None else loaded["tasks"].values())
     return Tasks(names, manager, built)
+
+
+def _name_original_yaml(task, originals: Mapping[str, Path]) -> None:
+    """The results' `configs` name the YAML a task came from: the original, not its deleted wrapper."""
+    source = (task.get_config("metadata") or {}).get("config_source")
+    if source in originals:
+        task.set_config(key="metadata", value={"config_source": str(originals[source])}, update=True)
+
+
+def _load_task(manager, name: str) -> dict[str, Any]:
+    try:  # building a task loads its data set
+        return manager.load([name])
+    except OSError as e:  # ConnectionError, FileNotFoundError: the data is neither cached nor reachable
+        raise UserError(
+            f"could not load the data of task {name!r} ({_first_line(e)}): lm-eval downloads it "
+            f"from the Hugging Face Hub into HF_HOME; run once online, or use local tasks (--include_path)"
+        ) from None
 
 
 def evaluate(lm: LitGPTLM, tasks: str | Sequence[str] | Tasks | None = None,
@@ -434,7 +461,8 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, float, fl
 def format_summary(results: dict[str, Any]) -> str:
     rows = [("task", "n-shot", "metric", "value", "± stderr")]
     for name, shots, metric, value, stderr in summary_rows(results):
-        rows.append((name, shots, metric, f"{value:.4f}", "" if stderr is None or math.isnan(stderr) else f"{stderr:.4f}"))
+        shown_stderr = "" if stderr is None or math.isnan(stderr) else f"{stderr:.4f}"
+        rows.append((name, shots, metric, f"{value:.4f}", shown_stderr))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import json
 import math
 import os
 import re
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -244,6 +246,52 @@ def test_generate_until_stops_at_the_first_stop_string_and_max_gen_toks(model64,
                                  disable_tqdm=True) == [tokenizer.decode(reference[:3])]
 
 
+# The generation settings of eval/tasks/demo_generate.yaml.
+GENERATE_STOPS, GENERATE_MAX_TOKENS = ("\n", "Question:"), 16
+
+
+def greedy_answer(model: GPT, tokenizer: Tokenizer, prompt: str) -> str:
+    """The model's greedy continuation of `prompt`, as demo_generate's filter sees it: the prompt keeps its last
+    block_size - max_gen_toks tokens (lm-eval's convention), an EOS id or the first stop string ends the text,
+    outer whitespace is stripped."""
+    prompt_ids = tokenizer.encode(prompt).tolist()[-(BLOCK_SIZE - GENERATE_MAX_TOKENS):]
+    tokens = greedy_tokens_without_cache(model, prompt_ids, GENERATE_MAX_TOKENS)
+    ends = [i for i, token in enumerate(tokens) if token in tokenizer.stop_ids]
+    text = tokenizer.decode(tokens[:ends[0]] if ends else tokens)
+    cut = min([i for i in map(text.find, GENERATE_STOPS) if i >= 0], default=len(text))
+    return text[:cut].strip()
+
+
+def normalized(answer: str) -> str:
+    """demo_generate's exact_match ignores case and punctuation."""
+    return answer.lower().translate(str.maketrans("", "", string.punctuation))
+
+
+def expected_exact_match(model: GPT, tokenizer: Tokenizer, prompts: list[str], docs: list[dict]) -> float:
+    """The share of prompts whose greedy answer matches the answer of the question the prompt ends with."""
+    answers = {f"Question: {doc['question']}\nAnswer:": doc["answer"] for doc in docs}
+    targets = [next(answer for ending, answer in answers.items() if prompt.endswith(ending)) for prompt in prompts]
+    hits = [normalized(greedy_answer(model, tokenizer, p)) == normalized(t) for p, t in zip(prompts, targets)]
+    return sum(hits) / len(hits)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def recording_prompts(lm) -> list[str]:
+    """The prompts lm-eval sends to `lm.generate_until`, in a list that fills as it runs."""
+    prompts = []
+    generate_until = lm.generate_until
+
+    def recording_generate_until(requests, **kwargs):
+        prompts.extend(request.args[0] for request in requests)
+        return generate_until(requests, **kwargs)
+
+    lm.generate_until = recording_generate_until
+    return prompts
+
+
 # ---------------------------------------------------------------------- LoRA and 4-bit
 @pytest.fixture(scope="module")
 def finetuned(checkpoint_dir, tmp_path_factory) -> dict[str, Path]:
@@ -312,16 +360,16 @@ def test_quantize_nf4_runs_the_adapters_beside_4bit_linears(finetuned, tokenizer
 # ---------------------------------------------------------------------- lm-eval end to end, offline
 def test_simple_evaluate_runs_the_local_tasks_offline(offline_hf, checkpoint_dir, tokenizer):
     lm = make_lm(load_model(checkpoint_dir), tokenizer, batch_size=8)
-    prompts = []
-    generate_until = lm.generate_until
-    lm.generate_until = lambda requests, **kw: prompts.extend(r.args[0] for r in requests) or generate_until(requests, **kw)
+    prompts = recording_prompts(lm)
     results = harness.evaluate(lm, "demo_choice,demo_generate,demo_perplexity", num_fewshot={"demo_generate": 2},
                                include_path=TASKS_DIR, bootstrap_iters=100)
     scores = results["results"]
     # Each task keeps its own few-shot count inside one simple_evaluate call.
     assert results["n-shot"] == {"demo_choice": 0, "demo_generate": 2, "demo_perplexity": 0}
     assert len(prompts) == 8 and all(p.count("Question:") == 3 for p in prompts)  # 2 examples + the question
-    assert 0 <= scores["demo_generate"]["exact_match,strip"] <= 1
+    # exact_match is what the model's own greedy answers to those prompts score against the targets.
+    expected = expected_exact_match(lm.model, tokenizer, prompts, read_jsonl(TASKS_DIR / "demo_generate.jsonl"))
+    assert scores["demo_generate"]["exact_match,strip"] == expected
 
     # acc is what our log-likelihoods say about each question's choices.
     docs = [json.loads(line) for line in (TASKS_DIR / "demo_choice.jsonl").read_text().splitlines()]
@@ -337,6 +385,70 @@ def test_simple_evaluate_runs_the_local_tasks_offline(offline_hf, checkpoint_dir
     total = sum(lm.loglikelihood_rolling([instance("loglikelihood_rolling", t) for t in texts], disable_tqdm=True))
     words = sum(len(re.split(r"\s+", t)) for t in texts)
     assert scores["demo_perplexity"]["word_perplexity,none"] == pytest.approx(math.exp(-total / words), rel=1e-6)
+
+
+def test_exact_match_counts_the_models_greedy_answers(offline_hf, model64, tokenizer, tmp_path):
+    """demo_generate with every other answer replaced by the model's own greedy answer: a task it half solves."""
+    docs = read_jsonl(TASKS_DIR / "demo_generate.jsonl")
+    for doc in docs[::2]:
+        doc["answer"] = greedy_answer(model64, tokenizer, f"Question: {doc['question']}\nAnswer:")
+    assert all(doc["answer"] for doc in docs), docs  # an empty answer would match without generating anything
+    (tmp_path / "self_answer.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    task_yaml = (TASKS_DIR / "demo_generate.yaml").read_text()
+    (tmp_path / "self_answer.yaml").write_text(task_yaml.replace("demo_generate", "self_answer"))
+
+    lm = make_lm(model64, tokenizer)
+    prompts = recording_prompts(lm)
+    results = harness.evaluate(lm, "self_answer", include_path=tmp_path, bootstrap_iters=100)
+    expected = expected_exact_match(model64, tokenizer, prompts, docs)
+    assert len(prompts) == len(docs) and 0 < expected < 1, (prompts, expected)
+    assert results["results"]["self_answer"]["exact_match,strip"] == expected
+
+
+def test_default_tasks_are_the_papers_table_1(monkeypatch):
+    """MMLU 5-shot; PIQA, HellaSwag, ARC-Challenge, ARC-Easy, OpenBookQA and WinoGrande 0-shot (paper, Table 1)."""
+    paper = {"mmlu": 5, "piqa": 0, "hellaswag": 0, "arc_challenge": 0, "arc_easy": 0, "openbookqa": 0,
+             "winogrande": 0}
+    cli_defaults = {name: p.default for name, p in inspect.signature(harness.setup).parameters.items()}
+    assert cli_defaults["tasks"] is None and cli_defaults["num_fewshot"] is None
+    assert harness.fewshot_counts(harness.task_names(cli_defaults["tasks"])) == paper
+
+    # The counts reach every task lm-eval builds, the subtasks of a group (MMLU) included.
+    class FakeTask:
+        def __init__(self, name):
+            self.name, self.config = name, {}
+
+        def set_config(self, key, value, update=False):
+            self.config[key] = value
+
+        def get_config(self, key):
+            return self.config.get(key)
+
+    built = {}
+
+    class FakeManager:
+        def match_tasks(self, names):
+            return names
+
+        def load(self, names):
+            (name,) = names
+            subtasks = [f"{name}_humanities", f"{name}_stem"] if name == "mmlu" else [name]
+            built.update({subtask: FakeTask(subtask) for subtask in subtasks})
+            groups = {name: f"group {name}"} if name == "mmlu" else {}
+            return {"tasks": {subtask: built[subtask] for subtask in subtasks}, "groups": groups}
+
+    monkeypatch.setattr(harness, "task_manager", lambda names, local: FakeManager())
+    prepared = harness.prepare_tasks()
+    assert {name: task.config.get("num_fewshot") for name, task in built.items()} == {
+        "mmlu_humanities": 5, "mmlu_stem": 5, **{name: 0 for name in list(paper)[1:]}}
+    assert prepared.names == list(paper) and prepared.built[0] == "group mmlu"
+
+    # The names are lm-eval's: MMLU a group (its four categories are Table 1's columns), the others tasks.
+    from lm_eval.tasks import TaskManager
+
+    lm_eval_tasks = TaskManager()
+    assert "mmlu" in lm_eval_tasks.all_groups
+    assert set(paper) - {"mmlu"} <= set(lm_eval_tasks.all_subtasks)
 
 
 def test_cli_writes_results_json_offline(offline_hf, checkpoint_dir, tmp_path):
