@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, add_sentencepiece_tokenizer, assert_one_line_error, run_script, save_random_checkpoint
+from conftest import (ROOT, add_sentencepiece_tokenizer, assert_one_line_error, assert_resumed_from,
+                      crash_after_checkpoint, run_script, save_random_checkpoint)
 from lit_gpt import Config
 from lit_gpt.checkpoint import load_finetuned, load_model
 from lit_gpt.lora import LoRALinear
@@ -131,7 +132,7 @@ def test_sensitivity_none_keeps_the_rates_uniform(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny, tmp_path, monkeypatch, kind):
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny, tmp_path, monkeypatch, capsys, kind):
     # LoRA dropout uses the global RNG, so an exact match also proves the RNG state is restored;
     # calibration at step 4 happens right after the resume.
     extra = ["--train.save_interval", "4", "--sensitivity_at", "0.5", "--train.learning_rate", "1e-2"]
@@ -139,29 +140,34 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny, tmp_path, mo
         extra += ["--lora.dropout", "0.1"]
     cli(kind, argv=flags(tiny, tmp_path / "straight", *extra, steps=8))
 
-    save = Trainer.save_checkpoint
-
-    def save_then_crash(self):
-        folder = save(self)
-        if self.step == 4:
-            raise KeyboardInterrupt  # the process dies right after its first checkpoint
-        return folder
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        cli(kind, argv=flags(tiny, tmp_path / "resumed", *extra, steps=8))
+    with monkeypatch.context() as patch:
+        crash_after_checkpoint(patch, step=4)  # the process dies right after its first checkpoint
+        with pytest.raises(KeyboardInterrupt):
+            cli(kind, argv=flags(tiny, tmp_path / "resumed", *extra, steps=8))
     assert not (tmp_path / "resumed" / "final").exists()
-    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    capsys.readouterr()
     cli(kind, argv=flags(tiny, tmp_path / "resumed", *extra, "--resume", "auto", steps=8))
+    # It really continued from step 4: a restart would also end with the same weights.
+    assert_resumed_from(tmp_path / "resumed", capsys.readouterr().out, step=4, max_steps=8)
 
     straight = torch.load(tmp_path / "straight" / "final" / "lit_model.pth", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "final" / "lit_model.pth", weights_only=True)
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    assert not torch.equal(straight[next(iter(straight))], load_model(tiny["checkpoint_dir"]).state_dict().get(
-        next(iter(straight)), torch.empty(0)))  # it trained
+    assert_trained(tiny, kind, straight)
     history = json.loads((tmp_path / "resumed" / "drop_rates.json").read_text())
     assert [entry["step"] for entry in history] == [0, 4]
+
+
+def assert_trained(tiny: dict, kind: str, weights: dict[str, torch.Tensor]) -> None:
+    """The weights moved from where they started: the base checkpoint's, or LoRA's zero-initialised B."""
+    if kind == "full":
+        base = load_model(tiny["checkpoint_dir"]).state_dict()
+        moved = [k for k in weights if not torch.equal(weights[k], base[k])]
+        assert "lm_head.weight" in moved and any(k.startswith("transformer.h.") for k in moved), moved
+    else:  # lora_B starts at zero, so a non-zero one was trained: the head's always, a block's when not dropped
+        moved = [k for k, v in weights.items() if k.endswith("lora_B") and v.abs().sum() > 0]
+        assert "lm_head.lora_B" in moved and any(k.startswith("transformer.h.") for k in moved), moved
 
 
 def test_merged_lora_model_gives_the_same_logits(tiny, tmp_path):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lit_gpt.methods.pld import pld_theta
-from lit_gpt.training import TRAINING_STATE_FILE, Trainer, cli
+from conftest import assert_resumed_from, crash_after_checkpoint
+from lit_gpt.training import TRAINING_STATE_FILE, cli
 from test_finetune import losses, metrics, run_finetune, tiny  # noqa: F401 (tiny is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,7 +84,7 @@ def test_pld_at_theta_one_reproduces_method_none_exactly(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("kind, method", [("full", "pld"), ("lora", "greentrainer")])
-def test_resumed_run_is_bit_identical_for_the_baselines(tiny, tmp_path, monkeypatch, kind, method):
+def test_resumed_run_is_bit_identical_for_the_baselines(tiny, tmp_path, monkeypatch, capsys, kind, method):
     # 10 optimizer steps per epoch: GreenTrainer selects at step 0, its state carries the choice over the
     # resume at step 5, and it selects again at step 10 (epoch 1). PLD's θ and decision counter carry over.
     def flags(name: str, *more: str) -> list[str]:
@@ -91,21 +92,15 @@ def test_resumed_run_is_bit_identical_for_the_baselines(tiny, tmp_path, monkeypa
 
     cli(kind, argv=flags("straight"))
 
-    save = Trainer.save_checkpoint
-
-    def save_then_crash(self):
-        folder = save(self)
-        if self.step == 5:
-            raise KeyboardInterrupt
-        return folder
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        cli(kind, argv=flags("resumed"))
-    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    with monkeypatch.context() as patch:
+        crash_after_checkpoint(patch, step=5)
+        with pytest.raises(KeyboardInterrupt):
+            cli(kind, argv=flags("resumed"))
     state = torch.load(tmp_path / "resumed" / "step-000005" / TRAINING_STATE_FILE, weights_only=False)["method"]
     assert state["name"] == method
+    capsys.readouterr()
     cli(kind, argv=flags("resumed", "--resume", "auto"))
+    assert_resumed_from(tmp_path / "resumed", capsys.readouterr().out, step=5, max_steps=12)
 
     straight = torch.load(tmp_path / "straight" / "final" / "lit_model.pth", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "final" / "lit_model.pth", weights_only=True)
