@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import (ROOT, add_sentencepiece_tokenizer, assert_one_line_error, assert_resumed_from,
-                      crash_after_checkpoint, run_script, save_random_checkpoint)
+                      crash_after_checkpoint, logged_runs, logged_steps, run_script, save_random_checkpoint)
 from lit_gpt import Config
 from lit_gpt.checkpoint import load_finetuned, load_model
 from lit_gpt.lora import LoRALinear
@@ -252,3 +252,62 @@ def test_every_config_parses_into_the_paper_settings(config_file):
     if "wordnet" not in config_file.name:  # the paper's Table 7: batch 128, LoRA r 8 and alpha 16
         assert args.train.global_batch_size == 128 and args.train.micro_batch_size in (1, 2)
         assert args.lora.r == 8 and args.lora.alpha == 16
+
+
+# ---------------------------------------------------------------------- training-loop flags
+def run_in_process(capsys, kind: str, argv: list[str]) -> str:
+    capsys.readouterr()
+    cli(kind, argv=argv)
+    return capsys.readouterr().out
+
+
+def test_recalibrate_every_calibrates_again_inside_the_loop(tiny, tmp_path):
+    # 6 steps: first calibration at int(0.2 * 6) = 1, then every 2 steps: 1, 3, 5.
+    cli("lora", argv=flags(tiny, tmp_path, "--sensitivity_at", "0.2", "--recalibrate_every", "2", steps=6))
+    history = json.loads((tmp_path / "drop_rates.json").read_text())
+    assert [entry["step"] for entry in history] == [0, 1, 3, 5]
+    assert all(entry["allocator"] == "greedy" and entry["metric"] == "grad" for entry in history[1:])
+    assert all(len(entry["sensitivities"]) == 4 and min(entry["sensitivities"]) > 0 for entry in history[1:])
+
+
+def test_train_epochs_sets_the_run_length(tiny, tmp_path, capsys):
+    # 40 training samples in micro-batches of 2 and optimizer steps of 20: 2 steps per epoch, 3 epochs.
+    argv = flags(tiny, tmp_path, "--train.global_batch_size", "20", "--train.epochs", "3", "--train.max_steps", "null",
+                 "--train.eval_interval", "100", "--train.sample_tokens", "0")
+    output = run_in_process(capsys, "lora", argv)
+    assert "training for 6 optimizer steps of 20 samples (10 micro-batches of 2 per device)" in output
+    (rows,) = logged_runs(tmp_path)
+    assert logged_steps(rows) == [1, 2, 3, 4, 5, 6]
+
+
+def test_flops_allocator_meets_the_flops_budget_exactly(tiny, tmp_path):
+    from dropbp.allocation import dropped_fraction
+
+    cli("lora", argv=flags(tiny, tmp_path, "--allocator", "flops", steps=4))
+    history = json.loads((tmp_path / "drop_rates.json").read_text())
+    assert [entry["step"] for entry in history] == [0, 0]
+    rates, branch_flops = history[1]["drop_rates"], history[1]["backward_flops"]
+    assert history[1]["allocator"] == "flops" and rates != [0.875] * 4
+    # It minimises the added variance on the budget's boundary, not on greedy's 0.1 grid.
+    assert dropped_fraction(rates, branch_flops) == pytest.approx(0.875, abs=1e-6)
+    assert any(abs(10 * r - round(10 * r)) > 1e-6 for r in rates), rates
+
+
+@pytest.mark.parametrize("compensation", [True, False])
+def test_lr_compensation_scales_each_branch_learning_rate(tiny, tmp_path, compensation):
+    # Uniform rates of 0.875: a compensated branch trains at 1 / (1 - 0.875) = 8 times the scheduled rate.
+    cli("lora", argv=flags(tiny, tmp_path, "--sensitivity", "none", "--lr_compensation", str(compensation).lower(),
+                           "--train.save_interval", "4", steps=4))
+    (rows,) = logged_runs(tmp_path)
+    scheduled = float(rows_at(rows, 4)["learning_rate"])
+    groups = torch.load(tmp_path / "step-000004" / TRAINING_STATE_FILE, weights_only=False)["optimizer"]["param_groups"]
+    branch_lrs = [g["lr"] for g in groups if g.get("dropbp_branch", -1) >= 0]
+    other_lrs = [g["lr"] for g in groups if g.get("dropbp_branch", -1) < 0]
+    assert len(branch_lrs) == 4 and other_lrs  # the head's adapters belong to no branch
+    assert branch_lrs == pytest.approx([scheduled * (8 if compensation else 1)] * 4, rel=1e-9)
+    assert other_lrs == pytest.approx([scheduled] * len(other_lrs), rel=1e-9)
+
+
+def rows_at(rows: list[dict], step: int, key: str = "learning_rate") -> dict:
+    (row,) = [r for r in rows if r.get(key) and int(r["step"]) == step]
+    return row
