@@ -127,3 +127,15 @@ def test_method_mistakes_are_one_line_errors(tiny, tmp_path, capsys):
         assert exit_info.value.code == 2
         lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert len(lines) == 1 and fragment in lines[0], (extra, lines)
+
+
+def test_greentrainer_at_half_budget_trains_nothing_on_the_tiny_shape_and_says_so(tiny, tmp_path, capsys):
+    # The 32k-token head is most of the tiny model's FLOPs: at --gt_rho 0.5 no tensor's backward fits the budget.
+    capsys.readouterr()
+    cli("full", argv=method_flags(tiny, tmp_path / "out", "full", "greentrainer", "--gt_rho", "0.5", steps=2))
+    output = capsys.readouterr().out
+    assert "GreenTrainer trains 0 of" in output and "this epoch trains nothing" in output, output[-3000:]
+    assert losses(metrics(tmp_path / "out"), "gt_selected_tensors") == [0, 0]
+    base = torch.load(tiny["checkpoint_dir"] / "lit_model.pth", weights_only=True)
+    final = torch.load(tmp_path / "out" / "final" / "lit_model.pth", weights_only=True)
+    assert base.keys() == final.keys() and all(torch.equal(base[k], final[k]) for k in base)
