@@ -117,3 +117,59 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------------- what a fine-tuning run left behind
+def logged_runs(out_dir: Path) -> list[list[dict]]:
+    """The rows of every `logs/csv/version_N/metrics.csv` in `out_dir`, one list per launch, oldest first."""
+    import csv
+
+    paths = sorted((Path(out_dir) / "logs" / "csv").glob("version_*/metrics.csv"),
+                   key=lambda p: int(p.parent.name.removeprefix("version_")))
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows.append(list(csv.DictReader(f)))
+    return rows
+
+
+def logged_steps(rows: list[dict], key: str = "train_loss") -> list[int]:
+    """The optimizer steps at which `key` was logged (training metrics: the step just done)."""
+    return [int(r["step"]) for r in rows if r.get(key)]
+
+
+def resumed_at(output: str) -> list[int]:
+    """The optimizer steps named by every `resumed from ... at optimizer step N` line a run printed."""
+    import re
+
+    return [int(n) for n in re.findall(r"^resumed from .+ at optimizer step (\d+)$", output, flags=re.MULTILINE)]
+
+
+def crash_after_checkpoint(monkeypatch, step: int) -> None:
+    """Make in-process runs die (KeyboardInterrupt) right after writing the checkpoint of optimizer `step`.
+
+    The only Trainer internal the tests touch for this: `Trainer.save_checkpoint` and `Trainer.step`.
+    """
+    from lit_gpt.training import Trainer
+
+    save = Trainer.save_checkpoint
+
+    def save_then_crash(self):
+        folder = save(self)
+        if self.step == step:
+            raise KeyboardInterrupt
+        return folder
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_crash)
+
+
+def assert_resumed_from(out_dir: Path, output: str, step: int, max_steps: int) -> None:
+    """The latest launch in `out_dir` resumed at `step`: it says so and trained (and logged) only steps after it.
+
+    A run that ignored --resume and restarted would end with the same weights (decisions and data depend only on
+    (seed, step)), but would log steps from 1 and a validation loss at step 0.
+    """
+    assert resumed_at(output) == [step], output[-3000:]
+    *_, last = logged_runs(out_dir)
+    assert logged_steps(last) == list(range(step + 1, max_steps + 1)), logged_steps(last)
+    assert min(logged_steps(last, "val_loss")) > step

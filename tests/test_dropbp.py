@@ -339,7 +339,7 @@ def test_a_dropped_branch_keeps_no_graph():
 def test_decisions_depend_only_on_seed_and_step():
     ids, _ = make_batch()
     runs = []
-    for model_seed in (0, 0):
+    for model_seed in (0, 1):  # different weights, same decisions
         model = make_model(n_layer=4, seed=model_seed)
         handler = DropBPHandler(model, seed=7)
         handler.set_initial_drop_rate(0.5)

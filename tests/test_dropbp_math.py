@@ -154,7 +154,7 @@ def test_handler_calibration_reports_the_same_sensitivities():
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
 
     result = handler.sensitivity_based_drop_bp(loss_fn, 0.5, metric="grad")
-    assert result.forward_passes == 1 and result.seconds >= 0 and "1 forward" in result.summary()
+    assert result.forward_passes == 1 and 0 < result.seconds < 60 and "1 forward" in result.summary()
     assert handler.last_calibration is result and handler.sensitivities == result.sensitivities
     handler.remove()  # brute force sets the decisions by hand
     np.testing.assert_allclose(result.sensitivities, brute_force(model, loss_fn, "grad"), rtol=1e-4)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, add_sentencepiece_tokenizer, assert_one_line_error, run_script, save_random_checkpoint
+from conftest import (ROOT, add_sentencepiece_tokenizer, assert_one_line_error, assert_resumed_from,
+                      crash_after_checkpoint, logged_runs, logged_steps, run_script, save_random_checkpoint)
 from lit_gpt import Config
 from lit_gpt.checkpoint import load_finetuned, load_model
 from lit_gpt.lora import LoRALinear
@@ -101,7 +102,8 @@ def test_each_script_trains_at_drop_rate_0875_and_writes_its_outputs(tiny, kind,
     assert history[0]["drop_rates"] == [0.875] * 4 and history[0]["allocator"] == "uniform"
     assert history[1]["drop_rates"] != [0.875] * 4
     assert history[1]["metric"] == ("gradnorm" if kind == "full" else "grad")
-    assert len(history[1]["sensitivities"]) == 4
+    # Every branch has a positive sensitivity: all zeros would still move the rates (greedy ties break by index).
+    assert len(history[1]["sensitivities"]) == 4 and all(s > 0 for s in history[1]["sensitivities"])
 
     weights = torch.load(final / "lit_model.pth", weights_only=True)
     if kind == "full":
@@ -132,7 +134,7 @@ def test_sensitivity_none_keeps_the_rates_uniform(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny, tmp_path, monkeypatch, kind):
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny, tmp_path, monkeypatch, capsys, kind):
     # LoRA dropout uses the global RNG, so an exact match also proves the RNG state is restored;
     # calibration at step 4 happens right after the resume.
     extra = ["--train.save_interval", "4", "--sensitivity_at", "0.5", "--train.learning_rate", "1e-2"]
@@ -140,29 +142,34 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny, tmp_path, mo
         extra += ["--lora.dropout", "0.1"]
     cli(kind, argv=flags(tiny, tmp_path / "straight", *extra, steps=8))
 
-    save = Trainer.save_checkpoint
-
-    def save_then_crash(self):
-        folder = save(self)
-        if self.step == 4:
-            raise KeyboardInterrupt  # the process dies right after its first checkpoint
-        return folder
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        cli(kind, argv=flags(tiny, tmp_path / "resumed", *extra, steps=8))
+    with monkeypatch.context() as patch:
+        crash_after_checkpoint(patch, step=4)  # the process dies right after its first checkpoint
+        with pytest.raises(KeyboardInterrupt):
+            cli(kind, argv=flags(tiny, tmp_path / "resumed", *extra, steps=8))
     assert not (tmp_path / "resumed" / "final").exists()
-    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    capsys.readouterr()
     cli(kind, argv=flags(tiny, tmp_path / "resumed", *extra, "--resume", "auto", steps=8))
+    # It really continued from step 4: a restart would also end with the same weights.
+    assert_resumed_from(tmp_path / "resumed", capsys.readouterr().out, step=4, max_steps=8)
 
     straight = torch.load(tmp_path / "straight" / "final" / "lit_model.pth", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "final" / "lit_model.pth", weights_only=True)
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    assert not torch.equal(straight[next(iter(straight))], load_model(tiny["checkpoint_dir"]).state_dict().get(
-        next(iter(straight)), torch.empty(0)))  # it trained
+    assert_trained(tiny, kind, straight)
     history = json.loads((tmp_path / "resumed" / "drop_rates.json").read_text())
     assert [entry["step"] for entry in history] == [0, 4]
+
+
+def assert_trained(tiny: dict, kind: str, weights: dict[str, torch.Tensor]) -> None:
+    """The weights moved from where they started: the base checkpoint's, or LoRA's zero-initialised B."""
+    if kind == "full":
+        base = load_model(tiny["checkpoint_dir"]).state_dict()
+        moved = [k for k in weights if not torch.equal(weights[k], base[k])]
+        assert "lm_head.weight" in moved and any(k.startswith("transformer.h.") for k in moved), moved
+    else:  # lora_B starts at zero, so a non-zero one was trained: the head's always, a block's when not dropped
+        moved = [k for k, v in weights.items() if k.endswith("lora_B") and v.abs().sum() > 0]
+        assert "lm_head.lora_B" in moved and any(k.startswith("transformer.h.") for k in moved), moved
 
 
 def test_merged_lora_model_gives_the_same_logits(tiny, tmp_path):
@@ -246,3 +253,62 @@ def test_every_config_parses_into_the_paper_settings(config_file):
     if "wordnet" not in config_file.name:  # the paper's Table 7: batch 128, LoRA r 8 and alpha 16
         assert args.train.global_batch_size == 128 and args.train.micro_batch_size in (1, 2)
         assert args.lora.r == 8 and args.lora.alpha == 16
+
+
+# ---------------------------------------------------------------------- training-loop flags
+def run_in_process(capsys, kind: str, argv: list[str]) -> str:
+    capsys.readouterr()
+    cli(kind, argv=argv)
+    return capsys.readouterr().out
+
+
+def test_recalibrate_every_calibrates_again_inside_the_loop(tiny, tmp_path):
+    # 6 steps: first calibration at int(0.2 * 6) = 1, then every 2 steps: 1, 3, 5.
+    cli("lora", argv=flags(tiny, tmp_path, "--sensitivity_at", "0.2", "--recalibrate_every", "2", steps=6))
+    history = json.loads((tmp_path / "drop_rates.json").read_text())
+    assert [entry["step"] for entry in history] == [0, 1, 3, 5]
+    assert all(entry["allocator"] == "greedy" and entry["metric"] == "grad" for entry in history[1:])
+    assert all(len(entry["sensitivities"]) == 4 and min(entry["sensitivities"]) > 0 for entry in history[1:])
+
+
+def test_train_epochs_sets_the_run_length(tiny, tmp_path, capsys):
+    # 40 training samples in micro-batches of 2 and optimizer steps of 20: 2 steps per epoch, 3 epochs.
+    argv = flags(tiny, tmp_path, "--train.global_batch_size", "20", "--train.epochs", "3", "--train.max_steps", "null",
+                 "--train.eval_interval", "100", "--train.sample_tokens", "0")
+    output = run_in_process(capsys, "lora", argv)
+    assert "training for 6 optimizer steps of 20 samples (10 micro-batches of 2 per device)" in output
+    (rows,) = logged_runs(tmp_path)
+    assert logged_steps(rows) == [1, 2, 3, 4, 5, 6]
+
+
+def test_flops_allocator_meets_the_flops_budget_exactly(tiny, tmp_path):
+    from dropbp.allocation import dropped_fraction
+
+    cli("lora", argv=flags(tiny, tmp_path, "--allocator", "flops", steps=4))
+    history = json.loads((tmp_path / "drop_rates.json").read_text())
+    assert [entry["step"] for entry in history] == [0, 0]
+    rates, branch_flops = history[1]["drop_rates"], history[1]["backward_flops"]
+    assert history[1]["allocator"] == "flops" and rates != [0.875] * 4
+    # It minimises the added variance on the budget's boundary, not on greedy's 0.1 grid.
+    assert dropped_fraction(rates, branch_flops) == pytest.approx(0.875, abs=1e-6)
+    assert any(abs(10 * r - round(10 * r)) > 1e-6 for r in rates), rates
+
+
+@pytest.mark.parametrize("compensation", [True, False])
+def test_lr_compensation_scales_each_branch_learning_rate(tiny, tmp_path, compensation):
+    # Uniform rates of 0.875: a compensated branch trains at 1 / (1 - 0.875) = 8 times the scheduled rate.
+    cli("lora", argv=flags(tiny, tmp_path, "--sensitivity", "none", "--lr_compensation", str(compensation).lower(),
+                           "--train.save_interval", "4", steps=4))
+    (rows,) = logged_runs(tmp_path)
+    scheduled = float(rows_at(rows, 4)["learning_rate"])
+    groups = torch.load(tmp_path / "step-000004" / TRAINING_STATE_FILE, weights_only=False)["optimizer"]["param_groups"]
+    branch_lrs = [g["lr"] for g in groups if g.get("dropbp_branch", -1) >= 0]
+    other_lrs = [g["lr"] for g in groups if g.get("dropbp_branch", -1) < 0]
+    assert len(branch_lrs) == 4 and other_lrs  # the head's adapters belong to no branch
+    assert branch_lrs == pytest.approx([scheduled * (8 if compensation else 1)] * 4, rel=1e-9)
+    assert other_lrs == pytest.approx([scheduled] * len(other_lrs), rel=1e-9)
+
+
+def rows_at(rows: list[dict], step: int, key: str = "learning_rate") -> dict:
+    (row,) = [r for r in rows if r.get(key) and int(r["step"]) == step]
+    return row

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lit_gpt.methods.pld import pld_theta
-from lit_gpt.training import TRAINING_STATE_FILE, Trainer, cli
+from conftest import assert_resumed_from, crash_after_checkpoint
+from lit_gpt.training import TRAINING_STATE_FILE, cli
 from test_finetune import losses, metrics, run_finetune, tiny  # noqa: F401 (tiny is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,7 +84,7 @@ def test_pld_at_theta_one_reproduces_method_none_exactly(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("kind, method", [("full", "pld"), ("lora", "greentrainer")])
-def test_resumed_run_is_bit_identical_for_the_baselines(tiny, tmp_path, monkeypatch, kind, method):
+def test_resumed_run_is_bit_identical_for_the_baselines(tiny, tmp_path, monkeypatch, capsys, kind, method):
     # 10 optimizer steps per epoch: GreenTrainer selects at step 0, its state carries the choice over the
     # resume at step 5, and it selects again at step 10 (epoch 1). PLD's θ and decision counter carry over.
     def flags(name: str, *more: str) -> list[str]:
@@ -91,21 +92,15 @@ def test_resumed_run_is_bit_identical_for_the_baselines(tiny, tmp_path, monkeypa
 
     cli(kind, argv=flags("straight"))
 
-    save = Trainer.save_checkpoint
-
-    def save_then_crash(self):
-        folder = save(self)
-        if self.step == 5:
-            raise KeyboardInterrupt
-        return folder
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        cli(kind, argv=flags("resumed"))
-    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    with monkeypatch.context() as patch:
+        crash_after_checkpoint(patch, step=5)
+        with pytest.raises(KeyboardInterrupt):
+            cli(kind, argv=flags("resumed"))
     state = torch.load(tmp_path / "resumed" / "step-000005" / TRAINING_STATE_FILE, weights_only=False)["method"]
     assert state["name"] == method
+    capsys.readouterr()
     cli(kind, argv=flags("resumed", "--resume", "auto"))
+    assert_resumed_from(tmp_path / "resumed", capsys.readouterr().out, step=5, max_steps=12)
 
     straight = torch.load(tmp_path / "straight" / "final" / "lit_model.pth", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "final" / "lit_model.pth", weights_only=True)
@@ -132,3 +127,15 @@ def test_method_mistakes_are_one_line_errors(tiny, tmp_path, capsys):
         assert exit_info.value.code == 2
         lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert len(lines) == 1 and fragment in lines[0], (extra, lines)
+
+
+def test_greentrainer_at_half_budget_trains_nothing_on_the_tiny_shape_and_says_so(tiny, tmp_path, capsys):
+    # The 32k-token head is most of the tiny model's FLOPs: at --gt_rho 0.5 no tensor's backward fits the budget.
+    capsys.readouterr()
+    cli("full", argv=method_flags(tiny, tmp_path / "out", "full", "greentrainer", "--gt_rho", "0.5", steps=2))
+    output = capsys.readouterr().out
+    assert "GreenTrainer trains 0 of" in output and "this epoch trains nothing" in output, output[-3000:]
+    assert losses(metrics(tmp_path / "out"), "gt_selected_tensors") == [0, 0]
+    base = torch.load(tiny["checkpoint_dir"] / "lit_model.pth", weights_only=True)
+    final = torch.load(tmp_path / "out" / "final" / "lit_model.pth", weights_only=True)
+    assert base.keys() == final.keys() and all(torch.equal(base[k], final[k]) for k in base)

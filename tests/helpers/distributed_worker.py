@@ -3,8 +3,9 @@
     python tests/helpers/distributed_worker.py RECORD_DIR KIND [--crash_after_step N] -- FLAGS... [--then JOB ...]
 
 Lightning re-launches this same command line for every other rank. Each rank writes `rank<R>.pth` (its
-final weights, gathered whole under FSDP) and `rank<R>.json` (its drop decisions, rates, sensitivities and a
-few facts about sharding) into RECORD_DIR.
+final weights, gathered whole under FSDP), `rank<R>_grads.pth` (the first optimizer step's gradients, averaged
+over the ranks and not yet clipped) and `rank<R>.json` (its drop decisions, rates, sensitivities, block
+forwards and a few facts about sharding) into RECORD_DIR.
 
 Several jobs (`RECORD_DIR KIND [...] -- FLAGS...`, separated by `--then`) run one after the other in the same
 processes, so that a test pays for starting the processes and importing torch and Lightning only once: the
@@ -62,6 +63,29 @@ def run_job(record_dir: str, kind: str, crash_after_step: int | None, flags: lis
         return backward(*args, **kwargs)
 
     trainer.fabric.backward = counting_backward
+    # The first optimizer step's gradients as the optimizer would see them (averaged over the ranks, before
+    # clipping): whole tensors, gathered from the shards under FSDP.
+    first_grads: dict[str, torch.Tensor] = {}
+    clip_gradients = trainer.fabric.clip_gradients
+
+    def recording_clip_gradients(*args, **kwargs):
+        if not first_grads:
+            for name, param in fabric_module(trainer.model).named_parameters():
+                if param.grad is not None:
+                    grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+                    first_grads[name] = grad.detach().to("cpu", copy=True)
+        return clip_gradients(*args, **kwargs)
+
+    trainer.fabric.clip_gradients = recording_clip_gradients
+    # Forwards of every block's first norm: activation checkpointing runs them again in backward.
+    block_forwards = 0
+
+    def count_forward(*_):
+        nonlocal block_forwards
+        block_forwards += 1
+
+    for block in fabric_module(trainer.model).transformer.h:
+        block.norm_1.register_forward_hook(count_forward)
     if crash_after_step is not None:
         save = trainer.save_checkpoint
 
@@ -81,12 +105,13 @@ def run_job(record_dir: str, kind: str, crash_after_step: int | None, flags: lis
     else:
         weights = model.state_dict()
     torch.save(weights, Path(record_dir) / f"rank{rank}.pth")
+    torch.save(first_grads, Path(record_dir) / f"rank{rank}_grads.pth")
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
     names = {id(p): n for n, p in model.named_parameters()}
     record = {"decisions": decisions, "world_size": trainer.fabric.world_size, "sharded": trainer.sharded,
               "drop_rates": handler.drop_rates if handler else None,
               "sensitivities": handler.sensitivities if handler else None,
-              "backward_calls": backward_calls,
+              "backward_calls": backward_calls, "block_forwards": block_forwards,
               "local_numel": sum(t.numel() for t in local), "full_numel": sum(p.numel() for p in model.parameters()),
               "optimizer_params": [names[id(p)] for g in trainer.optimizer.param_groups for p in g["params"]],
               "trainable_params": [n for n, p in model.named_parameters() if p.requires_grad]}
