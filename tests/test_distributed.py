@@ -259,7 +259,7 @@ def test_fsdp_resume_is_exact_and_checkpoints_read_like_one_process(setup_dir, f
     assert logged_steps(rows) == [5, 6, 7, 8]
     saved = torch.load(setup_dir["root"] / "out-single-from-fsdp" / "step-000008" / TRAINING_STATE_FILE,
                        weights_only=False)
-    assert saved["step"] == 8 and saved["dropbp"]["step"] == 8 * 2  # decisions drawn, the FSDP run's included
+    assert saved["step"] == 8 and saved["method"]["handler"]["step"] == 8 * 2  # decisions drawn, the FSDP run's included
     print(f"one process resumed from FSDP: max weight difference {max_difference(from_fsdp, single):.2e}")
     assert_same_weights(from_fsdp, single, exact=False)
 
