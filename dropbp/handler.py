@@ -74,8 +74,13 @@ class DropBPHandler:
         if module.training and not self._calibrating:
             self.draw()
 
-    def draw(self) -> torch.Tensor:
-        """Decide which branches the next micro-batch drops. Called automatically before training forwards."""
+    def draw(self, step: int | None = None) -> torch.Tensor:
+        """Decide which branches the next micro-batch drops. Called automatically before training forwards.
+
+        `step` replays the decision of that micro-batch (benchmarks repeat one draw); the next draw follows it.
+        """
+        if step is not None:
+            self.step = step
         mask = systematic_sample(torch.tensor(self.drop_rates), decision_generator(self.seed, self.step))
         for layer, dropped in zip(self.layers, mask.tolist()):
             layer.dropped = dropped

@@ -182,6 +182,26 @@ def current_training_flops(model: nn.Module, seq_len: int, ops: list[Op] | None 
     return training_flops(ops, trained, skipped, dropped)
 
 
+def backward_by_branch(ops: list[Op], trained: set[int] | None = None) -> dict[tuple[int | None, str | None], float]:
+    """The backward FLOPs of `training_flops`, attributed to the (block, branch) of the op that spends them.
+
+    Ops outside the blocks are keyed (None, None). An op's input gradient is only spent, and attributed to it,
+    when a trained unit lies below: so the lowest branch of a LoRA model over a frozen embedding costs less.
+    """
+    shares: dict[tuple[int | None, str | None], float] = {}
+    pending: list[tuple[tuple[int | None, str | None], float]] = []
+    for op in ops:
+        key = (op.block, op.branch)
+        for unit in op.units:
+            pending.append((key, unit.reach))
+            if trained is None or id(unit) in trained:
+                for owner, flops in pending + [(key, unit.weight_grad)]:
+                    shares[owner] = shares.get(owner, 0.0) + flops
+                pending = []
+        pending.append((key, op.input_grad))
+    return shares
+
+
 def _trained(ops: list[Op]) -> set[int]:
     return {id(u) for u in units(ops) if all(p.requires_grad for p in u.params)}
 
@@ -210,15 +230,13 @@ class CostModel:
         return current_training_flops(self.model, seq_len, self.profile(seq_len))
 
     def branch_backward_flops(self, seq_len: int) -> list[float]:
-        """Backward FLOPs that dropping each branch alone saves, in model order (attention 0, MLP 0, attention 1, ...).
+        """Each branch's share of the full backward pass, in model order (attention 0, MLP 0, attention 1, ...).
 
         This is the F_i that DropBP's allocation spends its budget with: the same prices as the steps it saves.
+        The shares add up to the blocks' backward FLOPs (`backward_by_branch`).
         """
-        ops, n_layer = self.profile(seq_len), len(self.model.transformer.h)
-        trained = _trained(ops)
-        full = training_flops(ops, trained)[1]
-        return [full - training_flops(ops, trained, no_backward=[(block, branch)])[1]
-                for block in range(n_layer) for branch in BRANCHES]
+        shares = backward_by_branch(self.profile(seq_len), _trained(self.profile(seq_len)))
+        return [shares.get((block, branch), 0.0) for block in range(len(self.model.transformer.h)) for branch in BRANCHES]
 
     def theoretical_saving(self, seq_len: int, drop_rates: Sequence[float] | float) -> float:
         """Expected share of a training step's FLOPs that DropBP saves at these rates, embedding, head and loss included.

@@ -11,7 +11,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dropbp import DropBPHandler
-from dropbp.flops import step_flops
 from lit_gpt import GPT, Config
 from lit_gpt.lora import LoRAConfig, LoRALinear, add_lora
 from lit_gpt.flops import cost_profile, current_training_flops, training_flops, units
@@ -150,17 +149,15 @@ def test_pld_state_resumes_the_same_decisions():
 
 
 # ---------------------------------------------------------------------- shared cost model
-def test_cost_profile_agrees_with_dropbp_flops_and_prices_dropped_branches():
+def test_dropping_branches_saves_exactly_their_shares_of_the_backward_in_full_finetuning():
+    from lit_gpt.flops import CostModel
+
     model = small_model()
-    config, T = model.config, 32
-    norm = T * config.n_embd  # dropbp/flops.py leaves norms out; the profile counts T x D per pass
-    ops = cost_profile(model, T)
-    n_norms = 2 * config.n_layer + 1
-    assert sum(training_flops(ops)) - step_flops(config, T, "full") == 3 * n_norms * norm
+    ops, shares = cost_profile(model, 32), CostModel(model).branch_backward_flops(32)
     dropped = [0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]  # branch order: attn 0, mlp 0, attn 1, ...
     no_backward = [(i // 2, ("attn", "mlp")[i % 2]) for i, d in enumerate(dropped) if d]
-    expected = step_flops(config, T, "full", dropped) + (3 * n_norms - 2 * sum(dropped)) * norm
-    assert sum(training_flops(ops, no_backward=no_backward)) == expected
+    forward, backward = training_flops(ops)
+    assert training_flops(ops, no_backward=no_backward) == (forward, backward - sum(d * f for d, f in zip(dropped, shares)))
 
 
 @pytest.mark.parametrize("method", ["none", "dropbp", "pld", "greentrainer", "lora"])

@@ -80,8 +80,17 @@ class ProgressiveLayerDrop(TrainingMethod):
             for block in self.blocks:
                 block.keep, block.branch_scale = True, 1.0
 
-    def draw(self) -> list[bool]:
-        """Decide which blocks the next micro-batch runs. Called automatically before training forwards."""
+    def set_theta(self, theta: float) -> None:
+        """Hold the global keep probability at `theta` (e.g. θ̄, the end of the schedule) until the next `set_step`."""
+        self.theta = theta
+
+    def draw(self, step: int | None = None) -> list[bool]:
+        """Decide which blocks the next micro-batch runs. Called automatically before training forwards.
+
+        `step` replays the decision of that training forward (benchmarks repeat one draw); the next draw follows it.
+        """
+        if step is not None:
+            self.draws = step
         probs = self.keep_probs
         keep = draw_keep(probs, decision_generator(self.seed, self.draws))
         for block, kept, p in zip(self.blocks, keep, probs):
