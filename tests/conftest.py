@@ -173,3 +173,40 @@ def assert_resumed_from(out_dir: Path, output: str, step: int, max_steps: int) -
     *_, last = logged_runs(out_dir)
     assert logged_steps(last) == list(range(step + 1, max_steps + 1)), logged_steps(last)
     assert min(logged_steps(last, "val_loss")) > step
+
+
+class SavedBytes:
+    """Bytes that autograd saves for backward while inside the watched modules, per module.
+
+    Parameters are excluded (they are held anyway); tensors are deduplicated by storage.
+    """
+
+    def __init__(self, model: torch.nn.Module, modules: list[torch.nn.Module]) -> None:
+        self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.current: int | None = None
+        self.storages: list[dict[int, int]] = [{} for _ in modules]
+        for i, module in enumerate(modules):
+            module.register_forward_pre_hook(lambda *_, i=i: setattr(self, "current", i))
+            module.register_forward_hook(lambda *_: setattr(self, "current", None))
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        if self.current is not None:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in self.param_storages:
+                self.storages[self.current][ptr] = t.untyped_storage().nbytes()
+        return t
+
+    def run(self, fn):
+        self.storages = [{} for _ in self.storages]
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
+            out = fn()
+        return out
+
+    def total(self) -> int:
+        merged = {}
+        for s in self.storages:
+            merged.update(s)
+        return sum(merged.values())
+
+    def per_module(self) -> list[int]:
+        return [sum(s.values()) for s in self.storages]

@@ -1,6 +1,6 @@
 """bench/convergence.py: the time-to-target arithmetic behind its speed-ups, and its flag checks.
 
-The runs themselves are the real-model fine-tuning that `tests/test_finetune.py` already covers.
+The runs themselves are the real-model fine-tuning that `tests/lit_gpt/test_finetune.py` already covers.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fine-tuning runs of a multi-process test, recording what each rank did (used by tests/test_distributed.py).
+"""Fine-tuning runs of a multi-process test, recording what each rank did (used by tests/lit_gpt/test_distributed.py).
 
     python tests/helpers/distributed_worker.py RECORD_DIR KIND [--crash_after_step N] -- FLAGS... [--then JOB ...]
 
