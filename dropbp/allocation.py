@@ -20,7 +20,7 @@ to spend the budget sum (1 - p_i) F_i <= (1 - p_avg) sum F_i where dropping hurt
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _check(sensitivities: Sequence[float], flops: Sequence[float], target: float, cap: float) -> None:

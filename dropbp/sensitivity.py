@@ -22,8 +22,9 @@ Both cost one forward pass instead of the naive 2L+1 forward and backward passes
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 

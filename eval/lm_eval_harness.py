@@ -35,14 +35,19 @@ from typing import Any
 
 import torch
 import yaml
-from torch.nn.utils.rnn import pad_sequence
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import Collator, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, ignore_constructor, make_disjoint_window, warning_once
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from lit_gpt.checkpoint import (
-    HYPERPARAMETERS_FILE, LORA_METHODS, finetuned_folder, load_finetuned, load_hyperparameters, load_model,
+    HYPERPARAMETERS_FILE,
+    LORA_METHODS,
+    finetuned_folder,
+    load_finetuned,
+    load_hyperparameters,
+    load_model,
 )
 from lit_gpt.generate import generate_tokens
 from lit_gpt.lora import fold_lora
@@ -137,11 +142,11 @@ class LitGPTLM(TemplateLM):
             # Right padding is invisible to the real tokens of a causal model: they only attend to the left.
             padded = pad_sequence([torch.tensor(tokens) for tokens in inputs], batch_first=True)
             logits = self.model(padded.to(self.device))
-            for (key, context, continuation), tokens, row in zip(batch, inputs, logits):
-                span = row[None, len(tokens) - len(continuation):len(tokens)]
+            for (group_key, context, group_continuation), tokens, row in zip(batch, inputs, logits):
+                group_span = row[None, len(tokens) - len(group_continuation):len(tokens)]
                 # One row scores every request of its group; a shorter continuation is the span's tail.
                 for key, continuation, span in collator.get_cache(
-                        req_str=key, cxt_toks=context, cont_toks=continuation, logits=span):
+                        req_str=group_key, cxt_toks=context, cont_toks=group_continuation, logits=group_span):
                     answer = self._score(span[0, -len(continuation):], continuation)
                     results.append(answer)
                     if key is not None:

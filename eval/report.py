@@ -111,7 +111,8 @@ def render(runs: list[tuple[str, dict[str, Any]]]) -> str:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", type=Path, help="results JSON files written by eval/lm_eval_harness.py --out")
+    parser.add_argument("results", nargs="+", type=Path,
+                        help="results JSON files written by eval/lm_eval_harness.py --out")
     parser.add_argument("--names", nargs="+", help="one row name per results file (default: the file names)")
     parser.add_argument("--out", type=Path, help="also write the markdown table to this file")
     args = parser.parse_args(argv)

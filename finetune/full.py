@@ -1,6 +1,7 @@
 """Full fine-tuning with DropBP: every weight trains.
 
-    python finetune/full.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --data_dir data/alpaca --drop_rate 0.875
+    python finetune/full.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --data_dir data/alpaca \
+        --drop_rate 0.875
 
 `--help` lists every flag; `--config configs/<name>.yaml` reproduces one of the paper's settings.
 """

@@ -1,6 +1,7 @@
 """LoRA fine-tuning with DropBP: adapters (r = 8, alpha = 16 by default) on every linear, the base frozen.
 
-    python finetune/lora.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --data_dir data/alpaca --drop_rate 0.875
+    python finetune/lora.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --data_dir data/alpaca \
+        --drop_rate 0.875
 
 `--lora.qkv/projection/mlp/head false` switch adapters off per projection. `--help` lists every flag.
 """

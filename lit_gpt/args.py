@@ -141,7 +141,8 @@ def build_parser(finetuning: Finetuning, **defaults: Any):
     if finetuning in LORA_METHODS:
         parser.add_class_arguments(LoRAConfig, nested_key="lora")
     if finetuning == "qlora":
-        parser.add_argument("--quantize", type=str, default="bnb.nf4", help="bnb.nf4, bnb.nf4-dq, bnb.fp4 or bnb.fp4-dq")
+        parser.add_argument("--quantize", type=str, default="bnb.nf4",
+                            help="bnb.nf4, bnb.nf4-dq, bnb.fp4 or bnb.fp4-dq")
     parser.set_defaults(defaults)
     return parser
 
@@ -152,6 +153,7 @@ def parse_args(finetuning: Finetuning, argv: list[str] | None = None, **defaults
     train = TrainArgs(**values.pop("train"))
     lora = LoRAConfig(**values.pop("lora")) if "lora" in values else LoRAConfig()
     dropbp = DropBPArgs(**{name: values.pop(name) for name in DropBPArgs.__dataclass_fields__})
-    method = MethodArgs(values.pop("method"), **{k: values.pop(k) for k in MethodArgs.__dataclass_fields__ if k != "name"})
+    method_flags = {k: values.pop(k) for k in MethodArgs.__dataclass_fields__ if k != "name"}
+    method = MethodArgs(values.pop("method"), **method_flags)
     paths = {k: Path(values[k]) for k in ("checkpoint_dir", "data_dir", "out_dir") if values[k] is not None}
     return RunArgs(finetuning=finetuning, train=train, dropbp=dropbp, method=method, lora=lora, **{**values, **paths})

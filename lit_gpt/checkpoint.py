@@ -22,7 +22,8 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", d
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as e:
         raise UserError(
-            f"{checkpoint_dir / 'lit_model.pth'} does not match lit_config.json ({str(e).splitlines()[0]}); convert it again"
+            f"{checkpoint_dir / 'lit_model.pth'} does not match lit_config.json ({str(e).splitlines()[0]}); "
+            "convert it again"
         ) from None
     return model.to(device=device, dtype=dtype)
 
@@ -33,7 +34,8 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", d
 #                           adapters (methods "lora" and "qlora")
 #   lit_config.json         the model config, so a full fine-tune loads like any converted checkpoint
 #   hyperparameters.yaml    every setting of the run, including `finetuning` (full, lora or qlora),
-#                           `checkpoint_dir` (the base model) and, for LoRA, `lora` (r, alpha, ...): nobody has to repeat them
+#                           `checkpoint_dir` (the base model) and, for LoRA, `lora` (r, alpha, ...): nobody has
+#                           to repeat them
 HYPERPARAMETERS_FILE = "hyperparameters.yaml"
 LORA_METHODS = ("lora", "qlora")
 

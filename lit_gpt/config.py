@@ -59,7 +59,7 @@ class Config:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "Config":
+    def from_name(cls, name: str, **overrides: Any) -> Config:
         """A preset by its short name ("Llama-2-7b-hf") or HF repo id ("meta-llama/Llama-2-7b-hf")."""
         preset = _PRESETS_BY_NAME.get(name) or _PRESETS_BY_REPO_ID.get(name)
         if preset is None:
@@ -70,7 +70,7 @@ class Config:
         return replace(preset, **overrides)
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> "Config":
+    def from_file(cls, path: str | Path, **overrides: Any) -> Config:
         """Load a `lit_config.json` written by `Config.save`."""
         path = Path(path)
         if not path.is_file():
@@ -84,12 +84,12 @@ class Config:
         return cls(**data)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | Path, **overrides: Any) -> "Config":
+    def from_checkpoint(cls, checkpoint_dir: str | Path, **overrides: Any) -> Config:
         """The config of a converted checkpoint folder (its lit_config.json)."""
         return cls.from_file(Path(checkpoint_dir) / "lit_config.json", **overrides)
 
     @classmethod
-    def from_hf_config(cls, path: str | Path, name: str = "", **overrides: Any) -> "Config":
+    def from_hf_config(cls, path: str | Path, name: str = "", **overrides: Any) -> Config:
         """Build a config from an HF LLaMA-style `config.json`, so unknown checkpoints still convert."""
         path = Path(path)
         if not path.is_file():

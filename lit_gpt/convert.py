@@ -9,16 +9,24 @@ from __future__ import annotations
 import json
 import pickle
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lit_gpt.config import PRESETS, Config
-from lit_gpt.utils import UserError, atomic_path, atomic_save, atomic_write_text, check_checkpoint_dir, load_state_dict, parse_dtype
+from lit_gpt.utils import (
+    UserError,
+    atomic_path,
+    atomic_save,
+    atomic_write_text,
+    check_checkpoint_dir,
+    load_state_dict,
+    parse_dtype,
+)
 
 # Per-layer HF suffix -> lit suffix. q/k/v are fused separately.
 _HF_TO_LIT = {
@@ -194,7 +202,8 @@ def convert_hf_state_dict(
     if pending_qkv:
         (index, _), parts = next(iter(pending_qkv.items()))
         missing = sorted(set(_QKV) - set(parts))
-        raise UserError(f"layer {index} is missing {', '.join(missing)}: the checkpoint is incomplete; download it again")
+        raise UserError(f"layer {index} is missing {', '.join(missing)}: the checkpoint is incomplete; "
+                        "download it again")
     return lit
 
 

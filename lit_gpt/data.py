@@ -22,8 +22,9 @@ import json
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -179,7 +180,7 @@ def read_wordnet(wordnet_dir: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- tokenizing and saving
-def tokenize_example(example: dict, tokenizer: "Tokenizer", max_seq_length: int, mask_inputs: bool) -> dict:
+def tokenize_example(example: dict, tokenizer: Tokenizer, max_seq_length: int, mask_inputs: bool) -> dict:
     """`input_ids` = BOS + prompt + output + EOS cut to max_seq_length; `labels` masks the prompt if asked.
 
     Prompt and full text are tokenized separately, as Lit-GPT did, so the response is tokenized in context
@@ -216,7 +217,7 @@ def split_sizes(num_records: int, test_size: int | float) -> tuple[int, int]:
 
 def prepare_dataset(
     records: list[dict],
-    tokenizer: "Tokenizer",
+    tokenizer: Tokenizer,
     destination: Path,
     test_size: int | float,
     seed: int,

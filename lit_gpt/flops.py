@@ -14,7 +14,8 @@ units, dropped branches (DropBP) and skipped blocks (PLD):
 which is exactly what autograd computes: an op's input gradient is only needed when something below it
 trains. Counts are 2 FLOPs per multiply-add; the attention core is causal (half of QK^T and AV, and twice that
 in backward for the gradients of q, k and v); the loss is 4 FLOPs per logit (max, exp, sum and log-softmax,
-roughly); norms count one FLOP per element for each pass, as GreenTrainer's profiler does. `torch.utils.flop_counter.FlopCounterMode` counts matrix products only, and on CPU it does not see the
+roughly); norms count one FLOP per element for each pass, as GreenTrainer's profiler does.
+`torch.utils.flop_counter.FlopCounterMode` counts matrix products only, and on CPU it does not see the
 attention core at all (the CPU flash kernel has no formula), so measured/theory sits slightly below 1.
 `flop_counter()` teaches it bitsandbytes' 4-bit matmul, QLoRA's forward.
 """
@@ -23,8 +24,8 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -177,7 +178,8 @@ def current_training_flops(model: nn.Module, seq_len: int, ops: list[Op] | None 
     trained = _trained(ops)
     blocks = model.transformer.h
     skipped = [i for i, b in enumerate(blocks) if b.training and not b.keep]
-    dropped = [(i, name) for i, b in enumerate(blocks) for name, layer in (("attn", b.dropbp_attn), ("mlp", b.dropbp_mlp))
+    dropped = [(i, name) for i, b in enumerate(blocks)
+               for name, layer in (("attn", b.dropbp_attn), ("mlp", b.dropbp_mlp))
                if layer.training and layer.dropped]
     return training_flops(ops, trained, skipped, dropped)
 
@@ -236,10 +238,11 @@ class CostModel:
         The shares add up to the blocks' backward FLOPs (`backward_by_branch`).
         """
         shares = backward_by_branch(self.profile(seq_len), _trained(self.profile(seq_len)))
-        return [shares.get((block, branch), 0.0) for block in range(len(self.model.transformer.h)) for branch in BRANCHES]
+        blocks = range(len(self.model.transformer.h))
+        return [shares.get((block, branch), 0.0) for block in blocks for branch in BRANCHES]
 
     def theoretical_saving(self, seq_len: int, drop_rates: Sequence[float] | float) -> float:
-        """Expected share of a training step's FLOPs that DropBP saves at these rates, embedding, head and loss included.
+        """Expected share of a step's FLOPs that DropBP saves at these rates, embedding, head and loss included.
 
         For blocks alone this tends to the paper's 2p/3 (full fine-tuning) and p/2 (LoRA, QLoRA); the head, the loss
         and the attention core pull the real figure below that.

@@ -272,7 +272,7 @@ def _write_byte_level_bpe(reader, tokens: list[str], token_types: list[int], pat
     else:
         if pre not in (None, "default", "gpt-2"):
             warnings.warn(f"GGUF pre-tokenizer {pre!r} is approximated by GPT-2's split; a few texts may "
-                          f"tokenize differently than with the original tokenizer.json")
+                          f"tokenize differently than with the original tokenizer.json", stacklevel=2)
         tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
     # Without this, "<|im_start|>" in a chat prompt would be cut into "<", "|", ... pieces.

@@ -7,9 +7,10 @@ one data-parallel shard. Checkpoints always hold whole tensors, in the format on
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -158,7 +159,8 @@ def gathered_optimizer_state(fabric, optimizer) -> dict | None:
         return None
     state = optimizer.optimizer.state_dict()
     # The same parameters have state on every rank (they got gradients at the same steps), in the same order.
-    gathered = {index: {key: _whole(value) for key, value in values.items()} for index, values in state["state"].items()}
+    gathered = {index: {key: _whole(value) for key, value in values.items()}
+                for index, values in state["state"].items()}
     if fabric.global_rank != 0:
         return {}
     return {"state": gathered, "param_groups": state["param_groups"]}

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from lit_gpt.utils import UserError
 
-_DOWNLOAD_HINT = "download the tokenizer files with `python scripts/download.py --repo_id ORG/NAME --tokenizer_only true`"
+_DOWNLOAD_HINT = ("download the tokenizer files with "
+                  "`python scripts/download.py --repo_id ORG/NAME --tokenizer_only true`")
 
 
 class Tokenizer:

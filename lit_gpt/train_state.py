@@ -17,8 +17,13 @@ import torch
 import torch.nn as nn
 
 from lit_gpt.checkpoint import finetuned_folder, save_finetuned
-from lit_gpt.parallel import (fabric_module, gathered_optimizer_state, gathered_state_dict, load_optimizer_state,
-                              load_weights)
+from lit_gpt.parallel import (
+    fabric_module,
+    gathered_optimizer_state,
+    gathered_state_dict,
+    load_optimizer_state,
+    load_weights,
+)
 from lit_gpt.utils import UserError, load_state_dict
 
 TRAINING_STATE_FILE = "training_state.pth"

@@ -33,12 +33,27 @@ from lit_gpt.data import IGNORE_INDEX, collate, generate_prompt, load_split, mic
 from lit_gpt.flops import CostModel, flop_counter
 from lit_gpt.loss import NonFiniteLoss, forward_backward, next_token_loss
 from lit_gpt.methods import RunContext, build_method, summary_line
-from lit_gpt.parallel import (average_gradients, averages_gradients_itself, build_fabric, fabric_module, is_sharded,
-                              no_backward_sync, whole_model)
+from lit_gpt.parallel import (
+    average_gradients,
+    averages_gradients_itself,
+    build_fabric,
+    fabric_module,
+    is_sharded,
+    no_backward_sync,
+    whole_model,
+)
 from lit_gpt.schedule import cosine_lr
 from lit_gpt.stream import MicroBatchStream, truncate
-from lit_gpt.train_state import (TRAINING_STATE_FILE, load_checkpoint, resume_folder, restore_rng, rng_state,
-                                 save_checkpoint, save_weights, step_checkpoints)
+from lit_gpt.train_state import (
+    TRAINING_STATE_FILE,
+    load_checkpoint,
+    restore_rng,
+    resume_folder,
+    rng_state,
+    save_checkpoint,
+    save_weights,
+    step_checkpoints,
+)
 from lit_gpt.utils import UserError, num_parameters
 
 __all__ = ["TRAINING_STATE_FILE", "RunArgs", "Trainer", "cli", "fabric_module", "finetune", "parse_args", "validate"]
@@ -51,7 +66,8 @@ class Trainer:
         validate(args)
         self.args, t = args, args.train
         self.out_dir = Path(args.out_dir or Path("out") / args.finetuning / Path(args.checkpoint_dir).name)
-        self.max_seq_length = resolve_max_seq_length(t.max_seq_length, Config.from_checkpoint(args.checkpoint_dir).block_size)
+        block_size = Config.from_checkpoint(args.checkpoint_dir).block_size
+        self.max_seq_length = resolve_max_seq_length(t.max_seq_length, block_size)
         self.train_set, self.test_set = load_split(args.data_dir, "train"), load_split(args.data_dir, "test")
         self.fabric = self._fabric()
         self.sharded = is_sharded(self.fabric)
@@ -93,7 +109,8 @@ class Trainer:
             accelerator = "cuda" if torch.cuda.is_available() else "cpu"
         # bf16 on a CPU runs far slower than fp32 (about 26x on this project's machines), so CPU runs default to fp32.
         self.precision = self.args.precision or ("bf16-true" if accelerator == "cuda" else "32-true")
-        loggers = [CSVLogger(self.out_dir / "logs", name="csv"), TensorBoardLogger(self.out_dir / "logs", name="tensorboard")]
+        logs = self.out_dir / "logs"
+        loggers = [CSVLogger(logs, name="csv"), TensorBoardLogger(logs, name="tensorboard")]
         return build_fabric(accelerator, self.args.devices, self.args.num_nodes, self.args.strategy, self.precision,
                             loggers, self.args.seed)
 

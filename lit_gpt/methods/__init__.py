@@ -48,7 +48,8 @@ def check_method_args(method: MethodArgs, dropbp: DropBPArgs) -> None:
     if not 0.0 < method.gt_rho <= 1.0:
         raise UserError(f"--gt_rho is a fraction of full fine-tuning's FLOPs in (0, 1], got {method.gt_rho}")
     if method.gt_interval < 1:
-        raise UserError(f"--gt_interval counts epochs between selections and must be at least 1, got {method.gt_interval}")
+        raise UserError(f"--gt_interval counts epochs between selections and must be at least 1, "
+                        f"got {method.gt_interval}")
 
 
 def build_method(method: MethodArgs, dropbp: DropBPArgs, model: nn.Module, full_finetuning: bool,
@@ -82,7 +83,8 @@ def summary_line(name: str, flops: dict[str, float], step_ms: list[float], step_
     measured, theory = flops.get("flops_per_step_measured"), flops.get("flops_per_step_theory")
     parts = [f"method {name}"]
     if measured is not None and theory:
-        parts.append(f"FLOPs/step measured {measured:.4g}, theory {theory:.4g} (measured/theory {measured / theory:.3f})")
+        parts.append(f"FLOPs/step measured {measured:.4g}, theory {theory:.4g} "
+                     f"(measured/theory {measured / theory:.3f})")
     if step_flops:
         parts.append(f"mean theory over {len(step_flops)} steps {statistics.fmean(step_flops):.4g}")
     if step_ms:
@@ -92,5 +94,6 @@ def summary_line(name: str, flops: dict[str, float], step_ms: list[float], step_
     return "summary: " + ", ".join(parts)
 
 
-__all__ = ["DropBPArgs", "MethodArgs", "MethodName", "RunContext", "TrainingMethod", "build_method", "check_method_args",
+__all__ = ["DropBPArgs", "MethodArgs", "MethodName", "RunContext", "TrainingMethod", "build_method",
+           "check_method_args",
            "summary_line"]

@@ -23,7 +23,8 @@ For LoRA and QLoRA the selectable tensors are the adapters (A and B of one linea
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -250,7 +251,8 @@ class GreenTrainer(TrainingMethod):
             f"step {run.step}: GreenTrainer trains {int(self.selected.sum())} of {len(self.units)} tensors, "
             f"{self.backward_fraction:.3f} of the backward FLOPs (budget {self.rho_bp:.3f}), "
             f"importance kept {self.objective:.3f} ({time.perf_counter() - start:.1f} s)"
-            + ("" if self.selected.any() else f"; nothing fits --gt_rho {self.rho} or helps: this epoch trains nothing"))
+            + ("" if self.selected.any()
+               else f"; nothing fits --gt_rho {self.rho} or helps: this epoch trains nothing"))
 
     # -------------------------------------------------------------- loop hooks and state
     def metrics(self) -> dict[str, float]:
@@ -265,5 +267,6 @@ class GreenTrainer(TrainingMethod):
         if state["units"] != [u.name for u in self.units]:
             raise UserError("the checkpoint's GreenTrainer tensors differ from this model's: resume with the same "
                             "--lora.* flags")
-        self.importance, self.selected_epoch, self.objective = state["importance"], state["selected_epoch"], state["objective"]
+        self.importance, self.objective = state["importance"], state["objective"]
+        self.selected_epoch = state["selected_epoch"]
         self.apply(state["selected"])

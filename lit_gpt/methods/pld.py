@@ -14,7 +14,8 @@ is never touched.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -110,7 +111,8 @@ class ProgressiveLayerDrop(TrainingMethod):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.seed, self.draws, self.theta, self._kept_sum = state["seed"], state["draws"], state["theta"], state["kept_sum"]
+        self.seed, self.draws, self.theta = state["seed"], state["draws"], state["theta"]
+        self._kept_sum = state["kept_sum"]
 
     def remove(self) -> None:
         """Detach the hook and restore every block: the model then never drops again."""

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SavedBytes
-
 from dropbp import DropBP, DropBPHandler
 from dropbp.allocation import dropped_fraction
 from lit_gpt.config import Config

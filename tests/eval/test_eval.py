@@ -166,7 +166,7 @@ def test_loglikelihood_is_the_sum_of_the_continuations_log_probs(model64, tokeni
     requests = [(None, short, greedy_short), (None, long, greedy_long), (None, short, wrong)]
     results = lm._loglikelihood_tokens(requests, disable_tqdm=True)
     assert [greedy for _, greedy in results] == [True, True, False]
-    for (_, context, continuation), (logprob, greedy) in zip(requests, results):
+    for (_, context, continuation), (logprob, _greedy) in zip(requests, results):
         assert abs(logprob - reference_loglikelihood(model64, context, continuation)[0]) < 1e-5
 
 

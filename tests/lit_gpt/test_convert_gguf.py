@@ -220,9 +220,9 @@ def test_converted_gpt2_tokenizer_files(tmp_path):
 def test_sentencepiece_rebuilt_from_gguf_encodes_like_the_original(tmp_path):
     from sentencepiece import SentencePieceProcessor
     from sentencepiece import sentencepiece_model_pb2 as sp_model
+    from test_tokenizer import SAMPLES
 
     from conftest import package_file
-    from test_tokenizer import SAMPLES
 
     original_path = package_file("mistral_common", "data/tokenizer.model.v1")
     original = sp_model.ModelProto()

@@ -138,7 +138,8 @@ def test_truncated_lit_model(tmp_path):
     convert_hf_checkpoint(folder)
     weights = folder / "lit_model.pth"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    result = run_script("convert_lit_checkpoint.py", "--checkpoint_dir", str(folder), "--output_dir", str(tmp_path / "o"))
+    result = run_script("convert_lit_checkpoint.py", "--checkpoint_dir", str(folder),
+                        "--output_dir", str(tmp_path / "o"))
     assert_one_line_error(result, "truncated or corrupt")
 
 

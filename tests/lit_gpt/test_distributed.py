@@ -141,7 +141,8 @@ def test_ddp_matches_one_process_with_the_same_global_batch(setup_dir, ddp_full)
 
 
 def test_ddp_resume_is_exact(setup_dir, ddp_full):
-    flags = ["--drop_rate", "0.875", "--sensitivity", "none", "--train.micro_batch_size", "2", "--train.save_interval", "4"]
+    flags = ["--drop_rate", "0.875", "--sensitivity", "none", "--train.micro_batch_size", "2",
+             "--train.save_interval", "4"]
     run(setup_dir, "resumed:crash", "full", *flags, crash_after_step=4, expect_code=3)
     out_dir = setup_dir["root"] / "out-resumed"
     assert [p.name for p in sorted(out_dir.glob("step-*"))] == ["step-000004"]
@@ -249,7 +250,8 @@ def test_fsdp_resume_is_exact_and_checkpoints_read_like_one_process(setup_dir, f
     assert fsdp_state["param_groups"] == single_state["param_groups"]
     assert fsdp_state["state"].keys() == single_state["state"].keys() and fsdp_state["state"]
     for index, values in fsdp_state["state"].items():
-        assert type(values["exp_avg"]) is torch.Tensor and values["exp_avg"].shape == single_state["state"][index]["exp_avg"].shape
+        expected_shape = single_state["state"][index]["exp_avg"].shape
+        assert type(values["exp_avg"]) is torch.Tensor and values["exp_avg"].shape == expected_shape
     # one process resumes the FSDP checkpoint at step 4 (it draws and logs only the last four steps) and ends
     # where one process alone does
     ((from_fsdp_record, from_fsdp),) = records(single_runs["single-from-fsdp"], world_size=1)
@@ -259,7 +261,8 @@ def test_fsdp_resume_is_exact_and_checkpoints_read_like_one_process(setup_dir, f
     assert logged_steps(rows) == [5, 6, 7, 8]
     saved = torch.load(setup_dir["root"] / "out-single-from-fsdp" / "step-000008" / TRAINING_STATE_FILE,
                        weights_only=False)
-    assert saved["step"] == 8 and saved["method"]["handler"]["step"] == 8 * 2  # decisions drawn, the FSDP run's included
+    # decisions drawn, the FSDP run's included
+    assert saved["step"] == 8 and saved["method"]["handler"]["step"] == 8 * 2
     print(f"one process resumed from FSDP: max weight difference {max_difference(from_fsdp, single):.2e}")
     assert_same_weights(from_fsdp, single, exact=False)
 

@@ -2,49 +2,30 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import (ROOT, add_sentencepiece_tokenizer, assert_one_line_error, assert_resumed_from,
-                      crash_after_checkpoint, logged_runs, logged_steps, run_script, save_random_checkpoint)
+from conftest import (
+    ROOT,
+    assert_one_line_error,
+    assert_resumed_from,
+    crash_after_checkpoint,
+    logged_runs,
+    logged_steps,
+    losses,
+    metrics,
+    run_finetune,
+    run_script,
+)
 from lit_gpt import Config
 from lit_gpt.checkpoint import load_finetuned, load_model
 from lit_gpt.lora import LoRALinear
 from lit_gpt.train_state import step_checkpoints
 from lit_gpt.training import TRAINING_STATE_FILE, Trainer, cli
-
-# in_features must be a multiple of bitsandbytes' 4-bit block size (64) for the QLoRA run.
-TINY = dict(name="tiny", n_layer=2, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=128, vocab_size=32000,
-            block_size=96)
-WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
-
-
-def run_finetune(kind: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "finetune" / f"{kind}.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    """A random tiny checkpoint with a real 32k SentencePiece tokenizer, and Alpaca-format data prepared for it."""
-    root = tmp_path_factory.mktemp("finetune")
-    checkpoint_dir = save_random_checkpoint(add_sentencepiece_tokenizer(root / "checkpoints" / "tiny"), Config(**TINY))
-    records = [{"instruction": f"Repeat the word {w} three times.", "input": "", "output": " ".join([w] * 3)}
-               for w in WORDS for _ in range(6)]
-    data_file = root / "alpaca.json"
-    data_file.write_text(json.dumps(records))
-    data_dir = root / "data"
-    result = run_script("prepare_alpaca.py", "--checkpoint_dir", str(checkpoint_dir), "--data_file", str(data_file),
-                        "--destination_path", str(data_dir), "--test_size", "8")
-    assert result.returncode == 0, result.stderr
-    return {"checkpoint_dir": checkpoint_dir, "data_dir": data_dir, "root": root}
 
 
 def flags(tiny: dict, out_dir: Path, *extra: str, steps: int = 10) -> list[str]:
@@ -62,16 +43,6 @@ def assert_error_line(result: subprocess.CompletedProcess, *fragments: str) -> N
     assert len(lines) == 1, result.stderr[-3000:]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
-
-
-def metrics(out_dir: Path) -> list[dict]:
-    (path,) = (out_dir / "logs" / "csv").glob("version_*/metrics.csv")
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def losses(rows: list[dict], key: str) -> list[float]:
-    return [float(r[key]) for r in rows if r.get(key)]
 
 
 @pytest.mark.parametrize("kind, lr", [("full", "3e-3"), ("lora", "2e-2"), ("qlora", "2e-2")])
@@ -174,7 +145,8 @@ def assert_trained(tiny: dict, kind: str, weights: dict[str, torch.Tensor]) -> N
 
 def test_merged_lora_model_gives_the_same_logits(tiny, tmp_path):
     cli("lora", argv=flags(tiny, tmp_path / "run", "--train.learning_rate", "2e-2"))
-    result = run_script("merge_lora.py", "--lora_path", str(tmp_path / "run" / "final"), "--out_dir", str(tmp_path / "merged"))
+    result = run_script("merge_lora.py", "--lora_path", str(tmp_path / "run" / "final"),
+                        "--out_dir", str(tmp_path / "merged"))
     assert result.returncode == 0, result.stderr
     merged = load_model(tmp_path / "merged").eval()
     unmerged = load_finetuned(tmp_path / "run" / "final", merge=False).eval()

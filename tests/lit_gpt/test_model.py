@@ -35,8 +35,12 @@ def test_gqa_equals_attention_with_repeated_kv_heads():
     x = torch.randn(1, 10, c.n_embd)
     cos, sin = build_rope_cache(10, c.head_size, c.rope_base)
     w = attn.attn.weight.view(c.n_query_groups, c.q_per_kv + 2, c.head_size, c.n_embd)
-    q_w, k_w, v_w = w[:, : c.q_per_kv].reshape(-1, c.n_embd), w[:, -2].reshape(-1, c.n_embd), w[:, -1].reshape(-1, c.n_embd)
-    heads = lambda t, n: t.view(1, 10, n, c.head_size).transpose(1, 2)
+    q_w = w[:, : c.q_per_kv].reshape(-1, c.n_embd)
+    k_w, v_w = w[:, -2].reshape(-1, c.n_embd), w[:, -1].reshape(-1, c.n_embd)
+
+    def heads(t, n):
+        return t.view(1, 10, n, c.head_size).transpose(1, 2)
+
     q = apply_rope(heads(x @ q_w.T, c.n_head), cos, sin)
     k = apply_rope(heads(x @ k_w.T, c.n_query_groups), cos, sin).repeat_interleave(c.q_per_kv, dim=1)
     v = heads(x @ v_w.T, c.n_query_groups).repeat_interleave(c.q_per_kv, dim=1)

@@ -20,8 +20,8 @@ def test_gguf_metadata_gives_the_preset_shape(smollm2_dir):
 
 
 def test_generate_answers_the_capital_of_france(smollm2_dir):
-    result = run_script("generate.py", "--checkpoint_dir", str(smollm2_dir), "--prompt", "What is the capital of France?",
-                        "--temperature", "0", "--max_new_tokens", "24")
+    result = run_script("generate.py", "--checkpoint_dir", str(smollm2_dir),
+                        "--prompt", "What is the capital of France?", "--temperature", "0", "--max_new_tokens", "24")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout, result.stdout
 

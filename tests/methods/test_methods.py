@@ -12,10 +12,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dropbp import DropBPHandler
 from lit_gpt import GPT, Config
-from lit_gpt.lora import LoRAConfig, LoRALinear, add_lora
 from lit_gpt.flops import cost_profile, current_training_flops, training_flops, units
+from lit_gpt.lora import LoRAConfig, LoRALinear, add_lora
 from lit_gpt.methods.greentrainer import (
-    GreenTrainer, backward_budget, normalise, quantize_costs, select_tensors, selection_cost, tensor_flops,
+    GreenTrainer,
+    backward_budget,
+    normalise,
+    quantize_costs,
+    select_tensors,
+    selection_cost,
+    tensor_flops,
     tensor_importance,
 )
 from lit_gpt.methods.pld import ProgressiveLayerDrop, keep_probabilities, pld_theta
@@ -90,7 +96,8 @@ def test_dropped_blocks_get_no_gradient_cost_no_forward_flops_and_kept_ones_are_
     pld = ProgressiveLayerDrop(model, theta_bar=0.3, gamma=1.0, seed=0)
     pld.set_step(100)
     ids = batch()
-    per_block = counted_flops(lambda: model.transformer.h[0](model.transformer.wte(ids), *[t[:16] for t in model.rope_cache(ids.device)]))
+    rope = [t[:16] for t in model.rope_cache(ids.device)]
+    per_block = counted_flops(lambda: model.transformer.h[0](model.transformer.wte(ids), *rope))
     model.eval()
     full_forward = counted_flops(lambda: model(ids))
     model.train()
@@ -157,7 +164,8 @@ def test_dropping_branches_saves_exactly_their_shares_of_the_backward_in_full_fi
     dropped = [0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]  # branch order: attn 0, mlp 0, attn 1, ...
     no_backward = [(i // 2, ("attn", "mlp")[i % 2]) for i, d in enumerate(dropped) if d]
     forward, backward = training_flops(ops)
-    assert training_flops(ops, no_backward=no_backward) == (forward, backward - sum(d * f for d, f in zip(dropped, shares)))
+    saved = sum(d * f for d, f in zip(dropped, shares))
+    assert training_flops(ops, no_backward=no_backward) == (forward, backward - saved)
 
 
 @pytest.mark.parametrize("method", ["none", "dropbp", "pld", "greentrainer", "lora"])

@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
+from conftest import assert_resumed_from, crash_after_checkpoint, losses, metrics, run_finetune
 from lit_gpt.methods.pld import pld_theta
-from conftest import assert_resumed_from, crash_after_checkpoint
 from lit_gpt.training import TRAINING_STATE_FILE, cli
-from test_finetune import losses, metrics, run_finetune, tiny  # noqa: F401 (tiny is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,7 +18,8 @@ SCRIPT_RUNS = {("full", "pld"), ("lora", "greentrainer"), ("qlora", "dropbp")}  
 
 
 def method_flags(tiny: dict, out_dir, kind: str, method: str, *extra: str, steps: int = 4, batch: int = 2) -> list[str]:
-    return ["--checkpoint_dir", str(tiny["checkpoint_dir"]), "--data_dir", str(tiny["data_dir"]), "--out_dir", str(out_dir),
+    return ["--checkpoint_dir", str(tiny["checkpoint_dir"]), "--data_dir", str(tiny["data_dir"]),
+            "--out_dir", str(out_dir),
             "--method", method, "--drop_rate", "0.5" if method == "dropbp" else "0",
             # The tiny model's 32k-token head is most of its FLOPs: GreenTrainer needs a large budget to train anything.
             "--gt_rho", "0.8", "--pld_gamma", "0.5",  # θ(t) reaches θ̄ = 0.5 within a few steps, so blocks drop
