@@ -221,6 +221,11 @@ TINY = dict(name="tiny", n_layer=2, n_head=4, n_query_groups=2, n_embd=64, inter
             block_size=96)
 
 
+def tiny_shape(**overrides) -> dict:
+    """The tiny model's Config fields, with `overrides`: each test file states only how its shape differs."""
+    return {**TINY, **overrides}
+
+
 def tiny_config(**overrides):
     """The tiny model shape the tests share (32k vocabulary: the real SentencePiece tokenizer); override any field."""
     from lit_gpt.config import Config

@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SavedBytes
+from conftest import SavedBytes, tiny_shape
 from dropbp import DropBP, DropBPHandler
 from dropbp.allocation import dropped_fraction
 from lit_gpt.config import Config
 from lit_gpt.lora import LoRAConfig, LoRALinear, add_lora
 from lit_gpt.model import GPT
 
-TINY = dict(n_head=4, n_query_groups=2, n_embd=32, intermediate_size=64, vocab_size=50, block_size=16)
+TINY = tiny_shape(n_embd=32, intermediate_size=64, vocab_size=50, block_size=16)
 # GPT-NeoX style: parallel residual, LayerNorm with bias, GELU MLP.
 PARALLEL = dict(parallel_residual=True, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", bias=True)
 
@@ -34,7 +34,7 @@ def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 def make_model(n_layer: int = 2, seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
-    model = GPT(Config(n_layer=n_layer, **{**TINY, **overrides}))
+    model = GPT(Config(**{**TINY, "n_layer": n_layer, **overrides}))
     model.reset_parameters()
     return model
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_shape
 from dropbp import DropBP, DropBPHandler
 from dropbp.allocation import dropped_fraction, expected_variance, flops_aware_allocation, greedy_allocation
 from dropbp.sampling import decision_generator, systematic_sample
@@ -20,7 +21,7 @@ from lit_gpt.model import GPT
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
-TINY = dict(n_head=4, n_query_groups=2, n_embd=32, intermediate_size=64, vocab_size=50, block_size=16)
+TINY = tiny_shape(n_embd=32, intermediate_size=64, vocab_size=50, block_size=16)
 PARALLEL = dict(parallel_residual=True, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", bias=True)
 
 
@@ -83,7 +84,7 @@ def test_decision_generator_is_a_function_of_seed_and_step():
 # ---------------------------------------------------------------------------------------------- 8. sensitivity
 def double_model(n_layer: int, lora: bool = False, **overrides) -> GPT:
     torch.manual_seed(0)
-    model = GPT(Config(n_layer=n_layer, **{**TINY, **overrides}))
+    model = GPT(Config(**{**TINY, "n_layer": n_layer, **overrides}))
     model.reset_parameters(std=0.2)  # large enough that every branch matters
     if lora:
         add_lora(model, LoRAConfig(r=2, head=False))

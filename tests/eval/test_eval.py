@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, add_sentencepiece_tokenizer, assert_one_line_error
+from conftest import ROOT, add_sentencepiece_tokenizer, assert_one_line_error, tiny_shape
 from lit_gpt import GPT, Config
 from lit_gpt.checkpoint import load_model, save_finetuned
 from lit_gpt.lora import LoRAConfig, add_lora, merge_lora
@@ -32,8 +32,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 TASKS_DIR = ROOT / "eval" / "tasks"
 BLOCK_SIZE = 32
-TINY = dict(name="tiny-eval", block_size=BLOCK_SIZE, vocab_size=32000, n_layer=2, n_head=4, n_query_groups=2,
-            n_embd=64, intermediate_size=128)
+TINY = tiny_shape(name="tiny-eval", block_size=BLOCK_SIZE)
 
 
 def load_module(name: str, path: Path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ROOT, logged_runs, logged_steps, save_random_checkpoint
+from conftest import ROOT, logged_runs, logged_steps, save_random_checkpoint, tiny_shape
 from lit_gpt import Config
 from lit_gpt.training import TRAINING_STATE_FILE
 
@@ -22,8 +22,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with the gloo backend is not available")
 
 WORKER = ROOT / "tests" / "helpers" / "distributed_worker.py"
-TINY = dict(name="tiny", n_layer=2, n_head=4, n_query_groups=2, n_embd=32, intermediate_size=64, vocab_size=128,
-            block_size=32)
+TINY = tiny_shape(n_embd=32, intermediate_size=64, vocab_size=128, block_size=32)
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import tiny_shape
 from lit_gpt import GPT, Config
 from lit_gpt.lora import LoRAConfig, LoRALinear, add_lora
 
 bnb = pytest.importorskip("bitsandbytes")
 
 # in_features a multiple of bitsandbytes' 4-bit block size (64)
-TINY = dict(name="tiny", n_layer=2, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=128, vocab_size=128,
-            block_size=32)
+TINY = tiny_shape(vocab_size=128, block_size=32)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import tiny_shape
 from dropbp import DropBPHandler
 from lit_gpt import GPT, Config
 from lit_gpt.flops import cost_profile, current_training_flops, training_flops, units
@@ -28,8 +29,7 @@ from lit_gpt.methods.pld import ProgressiveLayerDrop, keep_probabilities, pld_th
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = dict(name="small", n_layer=4, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=128, vocab_size=512,
-             block_size=64)
+SMALL = tiny_shape(name="small", n_layer=4, vocab_size=512, block_size=64)
 
 
 def small_model(seed: int = 0, **overrides) -> GPT:
