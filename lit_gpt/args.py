@@ -32,6 +32,9 @@ class TrainArgs:
     grad_clip: float | None = 1.0  # max gradient norm; None turns clipping off
     max_seq_length: int | None = None  # longer samples are truncated; default: the model's block_size
     length_grouped: bool = True  # batch samples of similar length together, so micro-batches pad less
+    # Head and loss a chunk of tokens at a time, so the (tokens x vocab) logits never exist whole in training
+    # (lit_gpt/loss.py); same loss and gradients. False: the full logits, as evaluation uses.
+    chunked_loss: bool = True
     eval_interval: int = 100
     eval_iters: int | None = 100  # validation micro-batches per evaluation; None: the whole test set
     save_interval: int | None = 1000  # None: only the final checkpoint

@@ -32,6 +32,11 @@ def prepare_for_finetuning(model: GPT, finetuning: str, lora: LoRAConfig | None 
         quantize_linears(model, quantize, compute_dtype, device)
     if finetuning in LORA_METHODS:
         add_lora(model, lora or LoRAConfig())
+    elif model.lm_head is None:
+        # Tied full fine-tuning: the embedding's share of the shared weight's gradient comes as the few rows its
+        # tokens touch, added in place to the head's (vocab x dim) share, instead of a third (vocab x dim) tensor.
+        # Untied, the embedding's gradient would become the weight's own and stay sparse, which AdamW refuses.
+        model.transformer.wte.sparse = True
     if activation_checkpointing:
         checkpoint_activations(model)
     return model

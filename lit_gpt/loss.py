@@ -1,4 +1,10 @@
-"""The training objective: next-token cross-entropy, and one micro-batch's forward and backward through it."""
+"""The training objective: next-token cross-entropy, and one micro-batch's forward and backward through it.
+
+Training computes the head and the loss together, a chunk of tokens at a time (`chunked_next_token_loss`), so the
+(B, T, vocab) logits, the log-probabilities the loss keeps and the logits' gradient never exist whole: at a 49k
+vocabulary each is 192 KiB per token in fp32. Evaluation and generation use the full logits
+(`next_token_loss(model(x), labels)`), which the chunked loss equals.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_gpt.data import IGNORE_INDEX
+from lit_gpt.lora import LoRALinear
+
+CHUNK_ELEMENTS = 2**24  # logits per chunk: chunk tokens x vocab, 64 MiB in fp32 (341 tokens at a 49k vocabulary)
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -17,16 +26,118 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
                            ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
+def chunked_next_token_loss(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                            chunk_size: int | None = None) -> torch.Tensor:
+    """`next_token_loss(model(x), labels)` from the final hidden states `hidden = model(x, return_hidden=True)`.
+
+    The head and the cross-entropy run `chunk_size` tokens at a time (default: `CHUNK_ELEMENTS` logits per chunk),
+    and each chunk's gradient is taken at once (see `_LinearCrossEntropy`), so no (tokens x vocab) tensor is kept.
+    Heads it cannot split (a 4-bit base under QLoRA, LoRA with dropout on the head) get the full logits.
+    """
+    gpt = getattr(model, "module", model)  # the GPT inside Fabric's wrapper
+    head = _head(gpt)
+    if head is None:  # Fabric hands back fp32 hidden states under bf16-true: the head runs in the model's dtype
+        return next_token_loss(gpt.lm_head(hidden.to(gpt.transformer.wte.weight.dtype)), labels)
+    weight, lora_a, lora_b, scale = head
+    # Every position, the last one with no target: the FLOPs stay those of the full head (lit_gpt/flops.py).
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    x = hidden.to(weight.dtype).reshape(-1, hidden.size(-1))
+    chunk_size = chunk_size or max(1, CHUNK_ELEMENTS // weight.size(0))
+    total = _LinearCrossEntropy.apply(x, weight, lora_a, lora_b, targets, scale, chunk_size)
+    return total / (targets != IGNORE_INDEX).sum()
+
+
+def _head(gpt: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float] | None:
+    """(weight, lora_A, lora_B, scale) of the model's head; the embedding table for tied models."""
+    head = gpt.lm_head
+    if head is None:
+        return gpt.transformer.wte.weight, None, None, 0.0
+    if type(head) is nn.Linear and head.bias is None:
+        return head.weight, None, None, 0.0
+    if isinstance(head, LoRALinear) and type(head.linear) is nn.Linear and head.linear.bias is None:
+        if head.merged:
+            return head.linear.weight, None, None, 0.0
+        if isinstance(head.dropout, nn.Identity):
+            return head.linear.weight, head.lora_A, head.lora_B, head.scale
+    return None
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The summed cross-entropy of logits `x W^T (+ scale x A^T B^T)` (LoRA) against `targets`, chunk by chunk.
+
+    Each chunk's logits, in `x`'s dtype as the head computes them, go to fp32 for the log-sum-exp, as
+    `next_token_loss` does; their gradient `softmax - onehot` is taken right away and multiplied into the
+    gradients of `x`, `W`, `A` and `B`, which are kept (one (tokens x dim) tensor and weight-sized ones) until
+    backward scales them by the incoming gradient. The matmuls are those of the full head's forward and backward,
+    so measured FLOPs do not change; only gradients that some input needs are computed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, targets, scale, chunk_size):
+        need_x, need_w, need_a, need_b = ctx.needs_input_grad[:4]
+        lora = lora_a is not None
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_a = torch.zeros_like(lora_a) if need_a else None
+        grad_b = torch.zeros_like(lora_b) if need_b else None
+        total = torch.zeros((), device=x.device, dtype=torch.float32)
+        for start in range(0, x.size(0), chunk_size):
+            x_c, t_c = x[start:start + chunk_size], targets[start:start + chunk_size]
+            logits = F.linear(x_c, weight)
+            if lora:
+                x_a = x_c.to(lora_a.dtype) @ lora_a.T
+                logits = logits + ((x_a @ lora_b.T) * scale).to(logits.dtype)
+            logits = logits.float()
+            valid = t_c != IGNORE_INDEX
+            t_c = t_c.clamp(min=0)[:, None]
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += ((lse - logits.gather(1, t_c)).squeeze(1) * valid).sum()
+            if not (need_x or need_w or need_a or need_b):
+                continue
+            grad = logits.sub_(lse).exp_()  # softmax, in place of the logits
+            grad.scatter_add_(1, t_c, torch.full_like(lse, -1.0)).mul_(valid[:, None])
+            grad = grad.to(x.dtype)
+            if need_x:
+                torch.matmul(grad, weight, out=grad_x[start:start + chunk_size])
+            if need_w:  # addmm with out=, not addmm_: FlopCounterMode counts the former only
+                torch.addmm(grad_w, grad.T, x_c, out=grad_w)
+            if lora:
+                grad_low = (grad.to(lora_b.dtype) @ lora_b) * scale  # the gradient of x A^T
+                if need_x:
+                    grad_x[start:start + chunk_size] += (grad_low @ lora_a).to(x.dtype)
+                if need_a:
+                    torch.addmm(grad_a, grad_low.T, x_c.to(lora_a.dtype), out=grad_a)
+                if need_b:
+                    torch.addmm(grad_b, grad.T.to(lora_b.dtype), x_a, alpha=scale, out=grad_b)
+        ctx.grads = [grad_x, grad_w, grad_a, grad_b]
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        if ctx.grads is None:
+            raise RuntimeError("the chunked loss's backward runs once (no retain_graph): use next_token_loss instead")
+        grads, ctx.grads = ctx.grads, None  # ours alone, so scaled in place and handed over without a copy
+        grads = [g.mul_(grad_total.to(g.dtype)) if g is not None else None for g in grads]
+        return (*grads, None, None, None)
+
+
 def forward_backward(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, accumulation: int = 1,
                      backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
-                     skip_backward: Callable[[], bool] = lambda: False) -> torch.Tensor:
+                     skip_backward: Callable[[], bool] = lambda: False, chunked_loss: bool = True) -> torch.Tensor:
     """One training micro-batch: forward, loss, and `backward(loss / accumulation)`; returns the detached loss.
+
+    With `chunked_loss` (the default) the head and the loss run a chunk of tokens at a time
+    (`chunked_next_token_loss`); without it the model returns the full logits.
 
     The backward is skipped when the loss has no graph (nothing trainable was reached) or when `skip_backward()`
     says no trainable parameter can get a gradient (DropBP dropped every branch that holds one). The training
     loop and the benchmarks both run their micro-batches through here, so they time and count the same work.
     """
-    loss = next_token_loss(model(input_ids), labels)
+    if chunked_loss:
+        loss = chunked_next_token_loss(model, model(input_ids, return_hidden=True), labels)
+    else:
+        loss = next_token_loss(model(input_ids), labels)
     if not torch.isfinite(loss):
         raise NonFiniteLoss(loss.item())
     if loss.requires_grad and not skip_backward():

@@ -41,8 +41,11 @@ class GPT(nn.Module):
             elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                 module.reset_parameters()
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for token ids `idx` of shape (B, T).
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """Logits for token ids `idx` of shape (B, T), or with `return_hidden` the final normed hidden states.
+
+        Training's loss applies the head to the hidden states itself, a chunk of tokens at a time (lit_gpt/loss.py).
 
         Without `input_pos` the whole sequence is processed causally. With `input_pos` (T positions),
         keys and values are written to the KV cache set up by `set_kv_cache`, for generation.
@@ -61,6 +64,8 @@ class GPT(nn.Module):
             if block.keep:  # Progressive Layer Dropping skips whole blocks in training (lit_gpt/methods/pld.py)
                 x = block(x, cos, sin, mask, input_pos)
         x = self.transformer.ln_f(x)
+        if return_hidden:
+            return x
         if self.lm_head is None:
             return F.linear(x, self.transformer.wte.weight)
         return self.lm_head(x)

@@ -255,7 +255,7 @@ class Trainer:
     def _forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         try:
             return forward_backward(self.model, input_ids, labels, self.accumulation, self.fabric.backward,
-                                    self.method.skip_backward)
+                                    self.method.skip_backward, self.args.train.chunked_loss)
         except NonFiniteLoss as e:
             raise UserError(self._non_finite_loss_message(e.value)) from None
 

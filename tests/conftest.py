@@ -181,13 +181,15 @@ def assert_resumed_from(out_dir: Path, output: str, step: int, max_steps: int) -
 class SavedBytes:
     """Bytes that autograd saves for backward while inside the watched modules, per module.
 
-    Parameters are excluded (they are held anyway); tensors are deduplicated by storage.
+    Parameters are excluded (they are held anyway); tensors are deduplicated by storage. With `modules=None`
+    everything saved during `run` counts, as one entry (the loss outside the model included).
     """
 
-    def __init__(self, model: torch.nn.Module, modules: list[torch.nn.Module]) -> None:
+    def __init__(self, model: torch.nn.Module, modules: list[torch.nn.Module] | None) -> None:
         self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.current: int | None = None
-        self.storages: list[dict[int, int]] = [{} for _ in modules]
+        self.current: int | None = 0 if modules is None else None
+        modules = [] if modules is None else modules
+        self.storages: list[dict[int, int]] = [{} for _ in modules] or [{}]
         for i, module in enumerate(modules):
             module.register_forward_pre_hook(lambda *_, i=i: setattr(self, "current", i))
             module.register_forward_hook(lambda *_: setattr(self, "current", None))
