@@ -17,6 +17,29 @@ import torch
 
 from lit_gpt.utils import UserError
 
+# The files a checkpoint folder's tokenizer is read from; scripts that write a new folder copy them all.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "special_tokens_map.json", "chat_template.jinja")
+
+
+def copy_tokenizer_files(source: str | Path, destination: str | Path) -> list[str]:
+    """Copy the tokenizer files `source` has into `destination`, each atomically; returns the names copied."""
+    import shutil
+
+    from lit_gpt.utils import atomic_path
+
+    source, destination = Path(source), Path(destination)
+    copied = []
+    if source.resolve() == destination.resolve():
+        return copied
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            with atomic_path(destination / name) as tmp:
+                shutil.copyfile(source / name, tmp)
+            copied.append(name)
+    return copied
+
+
 _DOWNLOAD_HINT = ("download the tokenizer files with "
                   "`python scripts/download.py --repo_id ORG/NAME --tokenizer_only true`")
 
