@@ -50,12 +50,19 @@ def save_hyperparameters(hyperparameters: dict, folder: str | Path) -> Path:
 
 
 def load_hyperparameters(folder: str | Path) -> dict:
-    import yaml
+    from lit_gpt.utils import read_yaml_mapping
 
     path = Path(folder) / HYPERPARAMETERS_FILE
     if not path.is_file():
         raise UserError(f"{str(folder)!r} has no {HYPERPARAMETERS_FILE}: pass a folder written by finetune/*.py")
-    return yaml.safe_load(path.read_text())
+    hint = "pass a folder written by finetune/*.py, or restore the file from the run's out_dir"
+    values = read_yaml_mapping(path, hint)
+    if values.get("finetuning") not in ("full", *LORA_METHODS):
+        raise UserError(f"{path} names no finetuning method (full, lora or qlora): {hint}")
+    if values["finetuning"] in LORA_METHODS and not (isinstance(values.get("lora"), dict) and
+                                                     values.get("checkpoint_dir")):
+        raise UserError(f"{path} lacks the LoRA run's `lora` settings or `checkpoint_dir`: {hint}")
+    return values
 
 
 def save_finetuned(model: GPT, folder: str | Path, hyperparameters: dict, state_dict: dict | None = None) -> Path:

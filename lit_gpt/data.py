@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lit_gpt.utils import UserError, atomic_path, atomic_save, atomic_write_text, check_checkpoint_dir
+from lit_gpt.utils import (
+    UserError,
+    atomic_path,
+    atomic_save,
+    atomic_write_text,
+    check_checkpoint_dir,
+    load_torch_file,
+)
 
 if TYPE_CHECKING:
     from lit_gpt.tokenizer import Tokenizer
@@ -324,11 +331,12 @@ def load_split(data_dir: Path, split: str) -> list[dict]:
         raise UserError(
             f"data_dir {str(data_dir)!r} {what}: prepare it first with `{hint}` (or {' / '.join(others)})"
         )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"could not read {path} ({str(e).strip().splitlines()[0] if str(e).strip() else e!r}): "
-                        f"prepare the data again") from None
+    samples = load_torch_file(path, "prepare the data again with scripts/prepare_*.py")
+    if not isinstance(samples, list) or not all(isinstance(x, dict) and "input_ids" in x and "labels" in x
+                                                for x in samples):
+        raise UserError(f"{path} does not hold prepared samples (a list of input_ids/labels): prepare the data again "
+                        "with scripts/prepare_*.py")
+    return samples
 
 
 # ---------------------------------------------------------------------- batching

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lit_gpt.utils import UserError
+from lit_gpt.utils import UserError, read_json_object, read_text_file
 
 # The files a checkpoint folder's tokenizer is read from; scripts that write a new folder copy them all.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
@@ -241,17 +241,13 @@ class _SentencePieceBackend:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}): download it again") from None
-    return data if isinstance(data, dict) else {}
+    return read_json_object(path, _DOWNLOAD_HINT)
 
 
 def _chat_template(checkpoint_dir: Path, tokenizer_config: dict) -> str | None:
     # Newer HF repos keep the template in its own file instead of tokenizer_config.json.
     if (checkpoint_dir / "chat_template.jinja").is_file():
-        return (checkpoint_dir / "chat_template.jinja").read_text()
+        return read_text_file(checkpoint_dir / "chat_template.jinja", _DOWNLOAD_HINT)
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

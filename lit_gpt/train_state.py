@@ -24,7 +24,7 @@ from lit_gpt.parallel import (
     load_optimizer_state,
     load_weights,
 )
-from lit_gpt.utils import UserError, load_state_dict
+from lit_gpt.utils import UserError, load_state_dict, load_torch_file
 
 TRAINING_STATE_FILE = "training_state.pth"
 
@@ -94,7 +94,11 @@ def load_checkpoint(fabric, model: nn.Module, optimizer, folder: Path, adapters_
     elif missing or unexpected:
         raise UserError(f"{folder / 'lit_model.pth'} does not match this model (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}): resume with the same --checkpoint_dir")
-    state = torch.load(folder / TRAINING_STATE_FILE, map_location="cpu", weights_only=False)
+    state = load_torch_file(folder / TRAINING_STATE_FILE, "resume from an earlier step-NNNNNN folder",
+                            weights_only=False)
+    if not isinstance(state, dict) or "optimizer" not in state:
+        raise UserError(f"{folder / TRAINING_STATE_FILE} is not a training state written by finetune/*.py: resume "
+                        "from an earlier step-NNNNNN folder")
     load_optimizer_state(fabric, optimizer, state.pop("optimizer"))
     if state.get("dropbp") is not None:  # written before DropBP was a method like the others: its state was apart
         state["method"] = {**state["method"], "handler": state["dropbp"], "history": state["drop_rate_history"]}
