@@ -59,9 +59,8 @@ def load_hyperparameters(folder: str | Path) -> dict:
     values = read_yaml_mapping(path, hint)
     if values.get("finetuning") not in ("full", *LORA_METHODS):
         raise UserError(f"{path} names no finetuning method (full, lora or qlora): {hint}")
-    if values["finetuning"] in LORA_METHODS and not (isinstance(values.get("lora"), dict) and
-                                                     values.get("checkpoint_dir")):
-        raise UserError(f"{path} lacks the LoRA run's `lora` settings or `checkpoint_dir`: {hint}")
+    if values["finetuning"] in LORA_METHODS and not isinstance(values.get("lora"), dict):
+        raise UserError(f"{path} lacks the LoRA run's `lora` settings (r, alpha, ...): {hint}")
     return values
 
 

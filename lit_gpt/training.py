@@ -47,8 +47,8 @@ from lit_gpt.stream import MicroBatchStream, truncate
 from lit_gpt.train_state import (
     TRAINING_STATE_FILE,
     load_checkpoint,
+    read_resume_checkpoint,
     restore_rng,
-    resume_folder,
     rng_state,
     save_checkpoint,
     save_weights,
@@ -325,11 +325,14 @@ class Trainer:
                                self.args.hyperparameters(), self.adapters_only, state)
 
     def resume(self) -> None:
-        folder = resume_folder(self.args.resume, self.out_dir)
-        if folder is None:
+        found = read_resume_checkpoint(self.args.resume, self.out_dir,
+                                       warn=lambda line: self.fabric.print(line, file=sys.stderr))
+        if found is None:
             self.fabric.print(f"--resume: no checkpoint in {self.out_dir} yet, starting from scratch")
             return
-        state = load_checkpoint(self.fabric, self.model, self.optimizer, folder, self.adapters_only)
+        folder, weights, state = found
+        state = load_checkpoint(self.fabric, self.model, self.optimizer, folder, self.adapters_only,
+                                read=(weights, state))
         self.method.load_state_dict(state["method"])
         progress = state.get("progress", {})  # absent in checkpoints written before it was kept
         self.train_seconds = progress.get("train_seconds", 0.0)
