@@ -82,6 +82,8 @@ class RunArgs:
     """recompute each block's activations in backward instead of keeping them"""
     seed: int = 1337
     """seed of the weights' init, data order and drop decisions"""
+    logger: str = "csv,tensorboard"
+    """where metrics go, comma-separated: csv, tensorboard, wandb (pip install wandb; WANDB_MODE=offline works)"""
     resume: bool | Literal["auto"] | Path = False
     """true/auto: the latest checkpoint in out_dir; or a checkpoint folder; false starts fresh"""
     train: TrainArgs = field(default_factory=TrainArgs)
@@ -126,7 +128,27 @@ def validate(args: RunArgs) -> None:
         check_quantize_mode(args.quantize or "")
     elif args.quantize:
         raise UserError("--quantize is for finetune/qlora.py; use that script to train over a 4-bit base")
+    logger_names(args.logger)
     check_checkpoint_dir(args.checkpoint_dir)
+
+
+LOGGERS = ("csv", "tensorboard", "wandb")
+
+
+def logger_names(logger: str) -> list[str]:
+    """`--logger csv,wandb` as ["csv", "wandb"]; an unknown name, or wandb not installed, is a `UserError`."""
+    names = [n.strip() for n in str(logger).split(",") if n.strip()]
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown or not names:
+        raise UserError(f"--logger {logger!r}: choose one or more of {', '.join(LOGGERS)}, comma-separated "
+                        "(e.g. --logger csv,wandb)")
+    if "wandb" in names:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError("--logger wandb needs the wandb package: pip install 'dropbp-gpt[wandb]' (or pip install "
+                            "wandb), or pick --logger csv,tensorboard")
+    return list(dict.fromkeys(names))
 
 
 def _check_strategy(args: RunArgs) -> None:

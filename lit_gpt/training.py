@@ -11,7 +11,7 @@ A run writes into `out_dir`:
     step-000100/                a checkpoint every `save_interval` optimizer steps (see `train_state.py`)
     final/                      the trained weights, config and hyperparameters
     drop_rates.json / .png      DropBP's per-branch drop rates (and sensitivities once calibrated)
-    logs/csv, logs/tensorboard  metrics from Lightning's loggers
+    logs/csv, logs/tensorboard  metrics from Lightning's loggers (`--logger`; logs/wandb for wandb)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lit_gpt.args import Finetuning, RunArgs, parse_args, resolve_max_seq_length, validate
+from lit_gpt.args import Finetuning, RunArgs, logger_names, parse_args, resolve_max_seq_length, validate
 from lit_gpt.build import prepare_for_finetuning
 from lit_gpt.checkpoint import LORA_METHODS, load_model, save_hyperparameters
 from lit_gpt.config import Config
@@ -102,15 +102,12 @@ class Trainer:
 
     # -------------------------------------------------------------- construction
     def _fabric(self):
-        from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
-
         accelerator = self.args.accelerator
         if accelerator == "auto":
             accelerator = "cuda" if torch.cuda.is_available() else "cpu"
         # bf16 on a CPU runs far slower than fp32 (about 26x on this project's machines), so CPU runs default to fp32.
         self.precision = self.args.precision or ("bf16-true" if accelerator == "cuda" else "32-true")
-        logs = self.out_dir / "logs"
-        loggers = [CSVLogger(logs, name="csv"), TensorBoardLogger(logs, name="tensorboard")]
+        loggers = build_loggers(logger_names(self.args.logger), self.out_dir / "logs", self.out_dir.name)
         return build_fabric(accelerator, self.args.devices, self.args.num_nodes, self.args.strategy, self.precision,
                             loggers, self.args.seed)
 
@@ -167,6 +164,9 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         if fabric.global_rank == 0:
             save_hyperparameters(args.hyperparameters(), self.out_dir)
+            for logger in fabric.loggers:
+                if type(logger).__name__ == "WandbLogger":  # the run's settings beside its curves in W&B
+                    logger.log_hyperparams(args.hyperparameters())
         self.run.step = self.step
         self.method.start(self.run)
         fabric.print(f"training for {self.max_steps} optimizer steps of {args.train.global_batch_size} samples "
@@ -341,6 +341,29 @@ class Trainer:
         restore_rng(state["rng"])
         self.step = state["step"]
         self.fabric.print(f"resumed from {folder} at optimizer step {self.step}")
+
+
+def build_loggers(names: list[str], logs: Path, run_name: str) -> list:
+    """Lightning's loggers for `--logger`: CSV in logs/csv, TensorBoard in logs/tensorboard, W&B in logs/wandb.
+
+    W&B runs offline (nothing leaves the machine; `wandb sync` uploads later) when WANDB_MODE=offline is set.
+    """
+    loggers = []
+    for name in names:
+        if name == "csv":
+            from lightning.fabric.loggers import CSVLogger
+
+            loggers.append(CSVLogger(logs, name="csv"))
+        elif name == "tensorboard":
+            from lightning.fabric.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(logs, name="tensorboard"))
+        elif name == "wandb":
+            from lightning.pytorch.loggers import WandbLogger
+
+            logs.mkdir(parents=True, exist_ok=True)
+            loggers.append(WandbLogger(project="dropbp-gpt", name=run_name, save_dir=str(logs)))
+    return loggers
 
 
 def finetune(args: RunArgs) -> Path:
