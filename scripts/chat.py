@@ -3,9 +3,10 @@
     python scripts/chat.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
 
 Type a message and press Enter. `/reset` starts a new conversation, `/quit` (or Ctrl-D) ends. With a chat
-template (the tokenizer's) the whole conversation is the prompt of each turn, the oldest turns dropped when it
-outgrows the model's block_size; without one, each message is answered on its own in the Alpaca prompt that
-finetune/*.py trains on. The checkpoint may be converted, fully fine-tuned, or a LoRA folder from finetune/*.py.
+template (the tokenizer's, or the chatml/llama2 prompt style) the whole conversation is the prompt of each turn,
+the oldest turns dropped when it outgrows the model's block_size; in the alpaca style each message is answered on
+its own. The style is the one the checkpoint was fine-tuned with unless `--prompt_style` says otherwise. The
+checkpoint may be converted, fully fine-tuned, or a LoRA folder from finetune/*.py.
 """
 
 from __future__ import annotations
@@ -18,19 +19,18 @@ from typing import TextIO
 import torch
 
 from lit_gpt.checkpoint import HYPERPARAMETERS_FILE, LORA_METHODS, load_finetuned, load_hyperparameters, load_model
-from lit_gpt.data import generate_prompt
 from lit_gpt.generate import generate_tokens
 from lit_gpt.model import GPT
+from lit_gpt.prompts import check_prompt_style, recorded_prompt_style, render_messages, resolve_prompt_style
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import UserError, check_checkpoint_dir, parse_dtype, run_cli
 
 COMMANDS = "/reset starts a new conversation, /quit ends"
 
 
-def render(tokenizer: Tokenizer, messages: list[dict], use_template: bool) -> str:
-    if use_template:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return generate_prompt({"instruction": messages[-1]["content"], "input": ""})
+def render(tokenizer: Tokenizer, messages: list[dict], style: str) -> str:
+    """The prompt of the conversation so far in `style` (alpaca answers the last message alone)."""
+    return render_messages(style, messages, tokenizer, add_generation_prompt=True)
 
 
 def stream_reply(model: GPT, tokenizer: Tokenizer, prompt: torch.Tensor, out: TextIO, max_new_tokens: int,
@@ -58,7 +58,7 @@ def stream_reply(model: GPT, tokenizer: Tokenizer, prompt: torch.Tensor, out: Te
     return text
 
 
-def chat_loop(model: GPT, tokenizer: Tokenizer, lines: Iterable[str], out: TextIO, use_template: bool,
+def chat_loop(model: GPT, tokenizer: Tokenizer, lines: Iterable[str], out: TextIO, style: str,
               max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 50,
               generator: torch.Generator | None = None, prompt_marker: str = "") -> list[str]:
     """Answer each line of `lines` until `/quit`; returns the replies. `prompt_marker` is written before each read."""
@@ -80,10 +80,10 @@ def chat_loop(model: GPT, tokenizer: Tokenizer, lines: Iterable[str], out: TextI
             print(f"unknown command {message}: {COMMANDS}", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": message})
-        encoded = tokenizer.encode(render(tokenizer, messages, use_template), device=device)
+        encoded = tokenizer.encode(render(tokenizer, messages, style), device=device)
         while encoded.numel() + 1 > block_size and len(messages) > 2:  # drop the oldest exchange
             messages = messages[2:]
-            encoded = tokenizer.encode(render(tokenizer, messages, use_template), device=device)
+            encoded = tokenizer.encode(render(tokenizer, messages, style), device=device)
         if encoded.numel() + 1 > block_size:
             messages.pop()
             print(f"that message takes {encoded.numel()} tokens, more than the model's block_size {block_size} "
@@ -128,6 +128,7 @@ def setup(
     top_k: int | None = 50,
     seed: int = 1234,
     chat_template: bool | None = None,
+    prompt_style: str | None = None,
     device: str = "auto",
     dtype: str | None = None,
 ) -> None:
@@ -139,8 +140,10 @@ def setup(
         temperature: sampling temperature; 0 picks the most likely token every time.
         top_k: sample only among the k most likely tokens.
         seed: seed of the sampling generator.
-        chat_template: use the tokenizer's chat template (whole conversations); default: when it has one. Without
-            it each message is answered alone, in the Alpaca prompt finetune/*.py trains on.
+        chat_template: use the tokenizer's chat template (whole conversations), or not (the Alpaca prompt, each
+            message answered alone); default: the prompt style.
+        prompt_style: alpaca, chatml, llama2, plain or auto (the chat template if the tokenizer has one, else
+            alpaca); default: the style the checkpoint was fine-tuned with, else auto.
         device: cpu, cuda, or auto (cuda when available).
         dtype: float32, bfloat16 or float16; default: the checkpoint's dtype.
     """
@@ -153,12 +156,16 @@ def setup(
     model, tokenizer = load_for_chat(Path(checkpoint_dir), device, parse_dtype(dtype))
     if chat_template and tokenizer.chat_template is None:
         raise UserError(f"{checkpoint_dir} has no chat template: leave --chat_template unset to use the Alpaca prompt")
-    use_template = tokenizer.chat_template is not None if chat_template is None else chat_template
+    if chat_template is not None:
+        style = "auto" if chat_template else "alpaca"
+    else:
+        style = check_prompt_style(prompt_style or recorded_prompt_style(checkpoint_dir) or "auto")
+    style = resolve_prompt_style(style, tokenizer)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {model.config.name or checkpoint_dir}: {COMMANDS}", file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(seed)
-    chat_loop(model, tokenizer, sys.stdin, sys.stdout, use_template, max_new_tokens, temperature, top_k, generator,
+    chat_loop(model, tokenizer, sys.stdin, sys.stdout, style, max_new_tokens, temperature, top_k, generator,
               prompt_marker=">> " if interactive else "")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lit_gpt.checkpoint import LORA_METHODS, finetuned_folder, load_finetuned, load_hyperparameters
 from lit_gpt.lora import fold_lora
+from lit_gpt.prompts import save_prompt_style
 from lit_gpt.tokenizer import copy_tokenizer_files
 from lit_gpt.utils import UserError, atomic_save, check_checkpoint_dir, parse_dtype, run_cli
 
@@ -35,6 +36,8 @@ def merge(lora_path: Path, out_dir: Path, checkpoint_dir: Path | None = None, dt
     atomic_save(model.state_dict(), out_dir / "lit_model.pth")
     model.config.save(out_dir)
     copy_tokenizer_files(base_dir, out_dir)
+    if hyperparameters.get("prompt_style"):  # generate.py and chat.py prompt the merged model as it was trained
+        save_prompt_style(hyperparameters["prompt_style"], out_dir)
     print(f"merged {folder} into {base_dir} and wrote {out_dir}")
     return out_dir
 

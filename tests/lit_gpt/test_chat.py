@@ -51,7 +51,7 @@ def test_replies_stream_and_reset_forgets_the_conversation(chat, model_dir, monk
     monkeypatch.setattr(chat, "render", lambda t, m, u: prompts.append(render(t, m, u)) or prompts[-1])
     out = Chunks()
     lines = ["hello", "", "hello", "/reset", "hello", "/quit", "never read"]
-    replies = chat.chat_loop(model, tokenizer, lines, out, use_template=True, max_new_tokens=6, temperature=0)
+    replies = chat.chat_loop(model, tokenizer, lines, out, style="auto", max_new_tokens=6, temperature=0)
     assert len(replies) == 3  # the empty line is skipped, nothing after /quit is answered
     assert prompts[0] == "user: hello\nassistant:"
     assert prompts[1] == f"user: hello\nassistant: {replies[0]}\nuser: hello\nassistant:"  # the whole conversation
@@ -65,7 +65,7 @@ def test_replies_stream_and_reset_forgets_the_conversation(chat, model_dir, monk
 def test_long_conversations_drop_their_oldest_turns(chat, model_dir):
     model, tokenizer = load_model(model_dir).eval(), Tokenizer(model_dir)
     lines = ["tell me about the weather in the mountains"] * 4
-    replies = chat.chat_loop(model, tokenizer, lines, io.StringIO(), use_template=True, max_new_tokens=8,
+    replies = chat.chat_loop(model, tokenizer, lines, io.StringIO(), style="auto", max_new_tokens=8,
                              temperature=0)
     assert len(replies) == 4  # block_size 64 holds about one exchange: older ones were dropped, no error
 
