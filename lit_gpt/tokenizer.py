@@ -247,7 +247,7 @@ def _read_json(path: Path) -> dict:
 def _chat_template(checkpoint_dir: Path, tokenizer_config: dict) -> str | None:
     # Newer HF repos keep the template in its own file instead of tokenizer_config.json.
     if (checkpoint_dir / "chat_template.jinja").is_file():
-        return read_text_file(checkpoint_dir / "chat_template.jinja", _DOWNLOAD_HINT)
+        return read_text_file(checkpoint_dir / "chat_template.jinja", _DOWNLOAD_HINT) or None
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

@@ -92,7 +92,7 @@ def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     weights = load_state_dict(folder / "lit_model.pth", mmap=False)
     state = load_torch_file(folder / TRAINING_STATE_FILE, "resume from an earlier step-NNNNNN folder",
                             weights_only=False)
-    if not isinstance(state, dict) or not {"optimizer", "step", "method", "rng"} <= state.keys():
+    if not isinstance(state, dict) or not {"optimizer", "step"} <= state.keys():
         raise UserError(f"{folder / TRAINING_STATE_FILE} is not a training state written by finetune/*.py: resume "
                         "from an earlier step-NNNNNN folder")
     return weights, state

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import add_sentencepiece_tokenizer, run_script, save_random_checkpoint, tiny_config
 from lit_gpt.checkpoint import load_model, save_finetuned
+from lit_gpt.prompts import recorded_prompt_style
 from lit_gpt.tokenizer import TOKENIZER_FILES, Tokenizer
 
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
@@ -45,9 +46,11 @@ def test_merge_and_download_carry_the_chat_template(base, tmp_path):
 
     model = load_model(base)
     add_lora(model, LoRAConfig())
-    hyperparameters = {"finetuning": "lora", "checkpoint_dir": str(base), "lora": vars(LoRAConfig())}
+    hyperparameters = {"finetuning": "lora", "checkpoint_dir": str(base), "lora": vars(LoRAConfig()),
+                       "prompt_style": "chatml"}
     lora_dir = save_finetuned(model, tmp_path / "lora" / "final", hyperparameters)
     assert (lora_dir / "chat_template.jinja").is_file()
     result = run_script("merge_lora.py", "--lora_path", str(lora_dir), "--out_dir", str(tmp_path / "merged"))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "merged" / "chat_template.jinja").read_text() == TEMPLATE
+    assert recorded_prompt_style(tmp_path / "merged") == "chatml"  # prompt_style.yaml: prompted as it was trained
