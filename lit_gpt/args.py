@@ -22,25 +22,42 @@ class TrainArgs:
     """Optimisation settings. Steps are optimizer steps (one global batch each), never micro-batches."""
 
     global_batch_size: int = 128
+    """samples per optimizer step, over all devices (micro-batches accumulate to it)"""
     micro_batch_size: int = 2
+    """samples per forward/backward pass on one device"""
     learning_rate: float = 3e-4
-    min_learning_rate: float = 0.0  # the cosine schedule ends here
+    """peak learning rate, reached after the warmup"""
+    min_learning_rate: float = 0.0
+    """the cosine schedule ends here"""
     warmup_steps: int = 100
-    max_steps: int | None = None  # default: `epochs` passes over the training set
+    """optimizer steps of linear warmup from 0 to the learning rate"""
+    max_steps: int | None = None
+    """optimizer steps to train; default: `epochs` passes over the training set"""
     epochs: int = 1
+    """passes over the training set when max_steps is not set"""
     weight_decay: float = 0.0
-    grad_clip: float | None = 1.0  # max gradient norm; None turns clipping off
-    max_seq_length: int | None = None  # longer samples are truncated; default: the model's block_size
-    length_grouped: bool = True  # batch samples of similar length together, so micro-batches pad less
-    # Head and loss a chunk of tokens at a time, so the (tokens x vocab) logits never exist whole in training
-    # (lit_gpt/loss.py); same loss and gradients. False: the full logits, as evaluation uses.
+    """AdamW weight decay"""
+    grad_clip: float | None = 1.0
+    """max gradient norm; null turns clipping off"""
+    max_seq_length: int | None = None
+    """longer samples are truncated; default: the model's block_size"""
+    length_grouped: bool = True
+    """batch samples of similar length together, so micro-batches pad less"""
     chunked_loss: bool = True
+    """compute the head and the cross-entropy in chunks of tokens, never holding the full logits (same loss and
+    gradients); false: the full logits, as evaluation uses"""
     eval_interval: int = 100
-    eval_iters: int | None = 100  # validation micro-batches per evaluation; None: the whole test set
-    save_interval: int | None = 1000  # None: only the final checkpoint
+    """optimizer steps between validations"""
+    eval_iters: int | None = 100
+    """validation micro-batches per evaluation; null: the whole test set"""
+    save_interval: int | None = 1000
+    """optimizer steps between checkpoints; null: only the final checkpoint"""
     log_interval: int = 1
+    """optimizer steps between logged metrics"""
     sample_instruction: str = "Recommend a movie for me to watch during the weekend and explain the reason."
-    sample_tokens: int = 64  # length of the sample generated at each evaluation; 0 turns it off
+    """the instruction answered in a sample at each evaluation"""
+    sample_tokens: int = 64
+    """length of the sample generated at each evaluation; 0 turns it off"""
 
 
 @dataclass
@@ -49,21 +66,35 @@ class RunArgs:
 
     finetuning: Finetuning
     checkpoint_dir: Path
+    """the base model's folder (lit_model.pth, lit_config.json, tokenizer)"""
     data_dir: Path = Path("data/alpaca")
-    out_dir: Path | None = None  # default: out/<finetuning>/<model name>
-    precision: str | None = None  # default: 32-true on CPU, bf16-true on CUDA
-    accelerator: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when torch sees a GPU
-    devices: int = 1  # per node
+    """the prepared data: train.pt and test.pt from scripts/prepare_*.py"""
+    out_dir: Path | None = None
+    """where checkpoints and logs go; default: out/<finetuning>/<model name>"""
+    precision: str | None = None
+    """e.g. 32-true, bf16-true, bf16-mixed, 16-mixed; default: 32-true on CPU, bf16-true on CUDA"""
+    accelerator: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when torch sees a GPU"""
+    devices: int = 1
+    """devices per node"""
     num_nodes: int = 1
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: ddp on several devices; fsdp shards the weights
-    activation_checkpointing: bool = False  # recompute each block's activations in backward instead of keeping them
+    """machines in a multi-node run"""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """auto: ddp on several devices; fsdp shards the weights"""
+    activation_checkpointing: bool = False
+    """recompute each block's activations in backward instead of keeping them"""
     seed: int = 1337
-    resume: bool | Literal["auto"] | Path = False  # True/"auto": the latest checkpoint in out_dir
+    """seed of the weights' init, data order and drop decisions"""
+    logger: str = "csv,tensorboard"
+    """where metrics go, comma-separated: csv, tensorboard, wandb (pip install wandb; WANDB_MODE=offline works)"""
+    resume: bool | Literal["auto"] | Path = False
+    """true/auto: the latest checkpoint in out_dir; or a checkpoint folder; false starts fresh"""
     train: TrainArgs = field(default_factory=TrainArgs)
     dropbp: DropBPArgs = field(default_factory=DropBPArgs)
     method: MethodArgs = field(default_factory=MethodArgs)  # --method and the baselines' flags
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    quantize: str | None = None  # QLoRA: bnb.nf4, bnb.nf4-dq, bnb.fp4 or bnb.fp4-dq
+    quantize: str | None = None
+    """QLoRA: bnb.nf4, bnb.nf4-dq, bnb.fp4 or bnb.fp4-dq"""
 
     def hyperparameters(self) -> dict[str, Any]:
         values = asdict(self)
@@ -100,7 +131,27 @@ def validate(args: RunArgs) -> None:
         check_quantize_mode(args.quantize or "")
     elif args.quantize:
         raise UserError("--quantize is for finetune/qlora.py; use that script to train over a 4-bit base")
+    logger_names(args.logger)
     check_checkpoint_dir(args.checkpoint_dir)
+
+
+LOGGERS = ("csv", "tensorboard", "wandb")
+
+
+def logger_names(logger: str) -> list[str]:
+    """`--logger csv,wandb` as ["csv", "wandb"]; an unknown name, or wandb not installed, is a `UserError`."""
+    names = [n.strip() for n in str(logger).split(",") if n.strip()]
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown or not names:
+        raise UserError(f"--logger {logger!r}: choose one or more of {', '.join(LOGGERS)}, comma-separated "
+                        "(e.g. --logger csv,wandb)")
+    if "wandb" in names:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError("--logger wandb needs the wandb package: pip install 'dropbp-gpt[wandb]' (or pip install "
+                            "wandb), or pick --logger csv,tensorboard")
+    return list(dict.fromkeys(names))
 
 
 def _check_strategy(args: RunArgs) -> None:
@@ -131,8 +182,9 @@ def build_parser(finetuning: Finetuning, **defaults: Any):
     DropBP flags sit at the top level (`--drop_rate 0.875`), as do `--method` and the baselines' flags
     (`--pld_theta`, `--gt_rho`, ...); optimisation under `--train.*`, LoRA under `--lora.*`.
     """
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # each field's """doc""" is its flag's help
     parser = ArgumentParser(description=f"{finetuning} fine-tuning with DropBP")
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of flags, e.g. configs/*.yaml")
     parser.add_class_arguments(RunArgs, skip={"finetuning", "train", "dropbp", "method", "lora", "quantize"})

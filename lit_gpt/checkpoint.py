@@ -36,6 +36,7 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", d
 #   hyperparameters.yaml    every setting of the run, including `finetuning` (full, lora or qlora),
 #                           `checkpoint_dir` (the base model) and, for LoRA, `lora` (r, alpha, ...): nobody has
 #                           to repeat them
+#   tokenizer files         copied from `checkpoint_dir`, so every script reads the folder directly
 HYPERPARAMETERS_FILE = "hyperparameters.yaml"
 LORA_METHODS = ("lora", "qlora")
 
@@ -49,16 +50,22 @@ def save_hyperparameters(hyperparameters: dict, folder: str | Path) -> Path:
 
 
 def load_hyperparameters(folder: str | Path) -> dict:
-    import yaml
+    from lit_gpt.utils import read_yaml_mapping
 
     path = Path(folder) / HYPERPARAMETERS_FILE
     if not path.is_file():
         raise UserError(f"{str(folder)!r} has no {HYPERPARAMETERS_FILE}: pass a folder written by finetune/*.py")
-    return yaml.safe_load(path.read_text())
+    hint = "pass a folder written by finetune/*.py, or restore the file from the run's out_dir"
+    values = read_yaml_mapping(path, hint)
+    if values.get("finetuning") not in ("full", *LORA_METHODS):
+        raise UserError(f"{path} names no finetuning method (full, lora or qlora): {hint}")
+    if values["finetuning"] in LORA_METHODS and not isinstance(values.get("lora"), dict):
+        raise UserError(f"{path} lacks the LoRA run's `lora` settings (r, alpha, ...): {hint}")
+    return values
 
 
 def save_finetuned(model: GPT, folder: str | Path, hyperparameters: dict, state_dict: dict | None = None) -> Path:
-    """Write weights (adapters only for LoRA methods), config and hyperparameters, each file atomically.
+    """Write weights (adapters only for LoRA methods), config, hyperparameters and the base model's tokenizer files.
 
     `state_dict` replaces `model.state_dict()` where this process does not hold the whole weights (FSDP
     gathers them first); LoRA methods keep only its adapters, as always.
@@ -72,6 +79,11 @@ def save_finetuned(model: GPT, folder: str | Path, hyperparameters: dict, state_
     atomic_save({k: v for k, v in weights.items() if "lora_" in k} if lora else weights, folder / "lit_model.pth")
     model.config.save(folder)
     save_hyperparameters(hyperparameters, folder)
+    base_dir = hyperparameters.get("checkpoint_dir")
+    if base_dir and Path(base_dir).is_dir():
+        from lit_gpt.tokenizer import copy_tokenizer_files
+
+        copy_tokenizer_files(base_dir, folder)
     return folder
 
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from lit_gpt.utils import UserError
+from lit_gpt.utils import UserError, read_json_object
 
 
 @dataclass
@@ -75,13 +75,21 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"config file {str(path)!r} does not exist")
-        data = json.loads(path.read_text())
+        hint = "convert the checkpoint again (scripts/convert_hf_checkpoint.py)"
+        data = read_json_object(path, hint)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"{path} has fields this version does not know: {', '.join(unknown)}")
         data.update(overrides)
-        return cls(**data)
+        for f in fields(cls):  # a value of the wrong type would fail later, deep inside the model
+            if f.name in data and not _same_kind(data[f.name], f.default):
+                raise UserError(f"{path}: {f.name} = {data[f.name]!r} is not {_kind(f.default)}: {hint}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            raise UserError(f"{path} does not describe a model ({str(e).splitlines()[0] if str(e) else e!r}): "
+                            f"{hint}") from None
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, **overrides: Any) -> Config:
@@ -94,7 +102,7 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"HF config {str(path)!r} does not exist")
-        hf = json.loads(path.read_text())
+        hf = read_json_object(path, "download the model's config.json again")
         model_type = hf.get("model_type", "llama")
         if model_type not in ("llama", "mistral"):
             raise UserError(f"{path}: model_type {model_type!r} is not a LLaMA-style model; only llama is supported")
@@ -181,3 +189,26 @@ _PRESETS_BY_NAME = {c.name: c for c in PRESETS}
 _PRESETS_BY_REPO_ID = {c.hf_repo_id: c for c in PRESETS}
 # "TinyLlama-1.1B" is the short name the docs use for the base model.
 _PRESETS_BY_NAME["TinyLlama-1.1B"] = replace(_PRESETS_BY_NAME["TinyLlama-1.1B-intermediate-step-1431k-3T"])
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    """Whether a JSON value fits a field whose default is `default`."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if default is None:  # the optional fields are all counts: padded_vocab_size, n_query_groups, head_size
+        return value is None or (isinstance(value, int) and not isinstance(value, bool))
+    return True
+
+
+def _kind(default: Any) -> str:
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, int) or default is None:
+        return "a whole number" + (" or null" if default is None else "")
+    return "a number" if isinstance(default, float) else "a string"

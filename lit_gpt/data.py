@@ -29,7 +29,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lit_gpt.utils import UserError, atomic_path, atomic_save, atomic_write_text, check_checkpoint_dir
+from lit_gpt.prompts import alpaca_prompt, render_instruction, render_messages
+from lit_gpt.utils import (
+    UserError,
+    atomic_path,
+    atomic_save,
+    atomic_write_text,
+    check_checkpoint_dir,
+    load_torch_file,
+)
 
 if TYPE_CHECKING:
     from lit_gpt.tokenizer import Tokenizer
@@ -47,16 +55,7 @@ PREPARE_SCRIPTS = {
 # ---------------------------------------------------------------------- prompt
 def generate_prompt(example: dict) -> str:
     """The Alpaca prompt for an instruction record; the response is what follows it."""
-    if example.get("input"):
-        return (
-            "Below is an instruction that describes a task, paired with an input that provides further context. "
-            "Write a response that appropriately completes the request.\n\n"
-            f"### Instruction:\n{example['instruction']}\n\n### Input:\n{example['input']}\n\n### Response:\n"
-        )
-    return (
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-        f"### Instruction:\n{example['instruction']}\n\n### Response:\n"
-    )
+    return alpaca_prompt(example)
 
 
 # ---------------------------------------------------------------------- reading records
@@ -104,6 +103,8 @@ def _normalize_record(item: object, where: str, rename: dict[str, str]) -> dict:
     if not isinstance(item, dict):
         raise UserError(f"{where} is a {type(item).__name__}, not a JSON object with instruction and output fields")
     record = dict(item)
+    if "messages" in record:
+        return {"messages": _normalize_messages(record["messages"], where)}
     for old, new in rename.items():
         if old in record:
             record[new] = record.pop(old)
@@ -121,6 +122,20 @@ def _normalize_record(item: object, where: str, rename: dict[str, str]) -> dict:
             )
         record[field] = value
     return {"instruction": record["instruction"], "input": record["input"], "output": record["output"]}
+
+
+def _normalize_messages(messages: object, where: str) -> list[dict]:
+    """A chat record's `messages`: {"role": system|user|assistant, "content": str} dicts, with a reply."""
+    hint = 'a list of {"role": "system"|"user"|"assistant", "content": "..."} objects with an assistant reply'
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: 'messages' must be {hint}")
+    for i, m in enumerate(messages, start=1):
+        if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str)):
+            raise UserError(f"{where}: message {i} is not a role/content object; 'messages' must be {hint}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{where}: 'messages' has no assistant reply to learn; it must be {hint}")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def download(url: str, destination: Path, timeout_s: float = 60.0) -> Path:
@@ -180,20 +195,49 @@ def read_wordnet(wordnet_dir: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- tokenizing and saving
-def tokenize_example(example: dict, tokenizer: Tokenizer, max_seq_length: int, mask_inputs: bool) -> dict:
+def tokenize_example(example: dict, tokenizer: Tokenizer, max_seq_length: int, mask_inputs: bool,
+                     prompt_style: str = "alpaca") -> dict:
     """`input_ids` = BOS + prompt + output + EOS cut to max_seq_length; `labels` masks the prompt if asked.
 
     Prompt and full text are tokenized separately, as Lit-GPT did, so the response is tokenized in context
     (SentencePiece would add a word-start marker to a response tokenized on its own). The prompt ends with a
     newline, after which both tokenizations agree, so the prompt's length marks where the response starts.
+    A chat record (`messages`) is tokenized whole; `mask_inputs` leaves every turn but the assistant's out of
+    the loss.
     """
-    prompt = generate_prompt(example)
+    if "messages" in example:
+        return tokenize_messages(example["messages"], tokenizer, max_seq_length, mask_inputs, prompt_style)
+    prompt = render_instruction(prompt_style, example, tokenizer)
     prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
     input_ids = tokenizer.encode(prompt + example["output"], bos=True, eos=True)[:max_seq_length]
     labels = input_ids.clone()
     if mask_inputs:
         labels[: len(prompt_ids)] = IGNORE_INDEX
     return {"input_ids": input_ids, "labels": labels}
+
+
+def tokenize_messages(messages: list[dict], tokenizer: Tokenizer, max_seq_length: int, mask_inputs: bool,
+                      prompt_style: str) -> dict:
+    """A conversation as one sample; with `mask_inputs` only the assistant's turns (and the EOS) are learnt.
+
+    Each assistant turn's span runs from the end of the prompt before it to the end of the text through it,
+    both tokenized as prefixes of the whole conversation.
+    """
+    def length(upto: int, generation_prompt: bool) -> int:
+        text = render_messages(prompt_style, messages[:upto], tokenizer, add_generation_prompt=generation_prompt)
+        return len(tokenizer.encode(text, bos=True, eos=False))
+
+    text = render_messages(prompt_style, messages, tokenizer, add_generation_prompt=False)
+    full = tokenizer.encode(text, bos=True, eos=True)
+    labels = full.clone()
+    if mask_inputs:
+        labels[:] = IGNORE_INDEX
+        for k, message in enumerate(messages):
+            if message["role"] == "assistant":
+                start, end = length(k, True), length(k + 1, False)
+                labels[start:end] = full[start:end]
+        labels[-1] = full[-1]  # the EOS that ends the last reply
+    return {"input_ids": full[:max_seq_length], "labels": labels[:max_seq_length]}
 
 
 def split_sizes(num_records: int, test_size: int | float) -> tuple[int, int]:
@@ -224,6 +268,7 @@ def prepare_dataset(
     max_seq_length: int,
     mask_inputs: bool,
     source: str,
+    prompt_style: str = "alpaca",
 ) -> dict:
     """Shuffle (seeded), split, tokenize and save `train.pt`, `test.pt` and `prepare.yaml` in `destination`.
 
@@ -244,7 +289,7 @@ def prepare_dataset(
     for split in ("train", "test"):
         samples = []
         for i in tqdm(splits[split], desc=f"tokenizing {split}", unit=" samples", mininterval=1.0):
-            sample = tokenize_example(records[i], tokenizer, max_seq_length, mask_inputs)
+            sample = tokenize_example(records[i], tokenizer, max_seq_length, mask_inputs, prompt_style)
             num_truncated += len(sample["input_ids"]) == max_seq_length and sample["input_ids"][-1] != tokenizer.eos_id
             lengths.append(len(sample["input_ids"]))
             samples.append(sample)
@@ -255,6 +300,7 @@ def prepare_dataset(
         "checkpoint_dir": str(tokenizer.checkpoint_dir),
         "max_seq_length": max_seq_length,
         "mask_inputs": mask_inputs,
+        "prompt_style": prompt_style,
         "seed": seed,
         "test_size": test_size,
         "num_train": num_train,
@@ -276,6 +322,7 @@ def prepare_instruction_data(
     seed: int,
     mask_inputs: bool,
     max_seq_length: int | None,
+    prompt_style: str = "alpaca",
 ) -> dict:
     """What every prepare script does after reading its flags.
 
@@ -283,10 +330,13 @@ def prepare_instruction_data(
     the prepared folder and prints a one-line summary.
     """
     from lit_gpt.config import Config
+    from lit_gpt.prompts import check_prompt_style, resolve_prompt_style
     from lit_gpt.tokenizer import Tokenizer
 
+    check_prompt_style(prompt_style)
     checkpoint_dir = check_checkpoint_dir(Path(checkpoint_dir), needs=("lit_config.json",))
     tokenizer = Tokenizer(checkpoint_dir)
+    prompt_style = resolve_prompt_style(prompt_style, tokenizer)  # recorded as used: auto only with a template
     block_size = Config.from_checkpoint(checkpoint_dir).block_size
     if max_seq_length is None:
         max_seq_length = block_size
@@ -299,7 +349,8 @@ def prepare_instruction_data(
         )
     records = get_records()
     settings = prepare_dataset(
-        records, tokenizer, Path(destination_path), test_size, seed, max_seq_length, mask_inputs, source
+        records, tokenizer, Path(destination_path), test_size, seed, max_seq_length, mask_inputs, source,
+        prompt_style,
     )
     print(
         f"prepared {settings['num_train']} train + {settings['num_test']} test samples "
@@ -324,11 +375,23 @@ def load_split(data_dir: Path, split: str) -> list[dict]:
         raise UserError(
             f"data_dir {str(data_dir)!r} {what}: prepare it first with `{hint}` (or {' / '.join(others)})"
         )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"could not read {path} ({str(e).strip().splitlines()[0] if str(e).strip() else e!r}): "
-                        f"prepare the data again") from None
+    samples = load_torch_file(path, "prepare the data again with scripts/prepare_*.py")
+    if not isinstance(samples, list) or not all(isinstance(x, dict) and "input_ids" in x and "labels" in x
+                                                for x in samples):
+        raise UserError(f"{path} does not hold prepared samples (a list of input_ids/labels): prepare the data again "
+                        "with scripts/prepare_*.py")
+    return samples
+
+
+def recorded_data_prompt_style(data_dir: Path) -> str:
+    """The prompt style `data_dir` was prepared with (its prepare.yaml); alpaca for data prepared before styles."""
+    from lit_gpt.prompts import check_prompt_style
+    from lit_gpt.utils import read_yaml_mapping
+
+    path = Path(data_dir) / "prepare.yaml"
+    if not path.is_file():
+        return "alpaca"
+    return check_prompt_style(str(read_yaml_mapping(path, "prepare the data again").get("prompt_style", "alpaca")))
 
 
 # ---------------------------------------------------------------------- batching

@@ -17,13 +17,22 @@ import torch.nn as nn
 
 @dataclass
 class LoRAConfig:
+    """Low-rank adapters: where they go and their size (`--lora.*`)."""
+
     r: int = 8
+    """rank of the adapters"""
     alpha: float = 16.0
+    """scale of the adapters' output is alpha / r"""
     dropout: float = 0.0
-    qkv: bool = True  # the fused query/key/value projection
-    projection: bool = True  # attention output projection
-    mlp: bool = True  # fc_1, fc_2 and proj
-    head: bool = True  # lm_head (untied models only)
+    """dropout on the adapters' input"""
+    qkv: bool = True
+    """adapters on the fused query/key/value projection"""
+    projection: bool = True
+    """adapters on the attention output projection"""
+    mlp: bool = True
+    """adapters on the MLP's fc_1, fc_2 and proj"""
+    head: bool = True
+    """an adapter on lm_head (untied models only)"""
 
     @property
     def scale(self) -> float:

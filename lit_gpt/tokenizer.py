@@ -15,7 +15,30 @@ from typing import Any
 
 import torch
 
-from lit_gpt.utils import UserError
+from lit_gpt.utils import UserError, read_json_object, read_text_file
+
+# The files a checkpoint folder's tokenizer is read from; scripts that write a new folder copy them all.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "special_tokens_map.json", "chat_template.jinja")
+
+
+def copy_tokenizer_files(source: str | Path, destination: str | Path) -> list[str]:
+    """Copy the tokenizer files `source` has into `destination`, each atomically; returns the names copied."""
+    import shutil
+
+    from lit_gpt.utils import atomic_path
+
+    source, destination = Path(source), Path(destination)
+    copied = []
+    if source.resolve() == destination.resolve():
+        return copied
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            with atomic_path(destination / name) as tmp:
+                shutil.copyfile(source / name, tmp)
+            copied.append(name)
+    return copied
+
 
 _DOWNLOAD_HINT = ("download the tokenizer files with "
                   "`python scripts/download.py --repo_id ORG/NAME --tokenizer_only true`")
@@ -218,17 +241,13 @@ class _SentencePieceBackend:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}): download it again") from None
-    return data if isinstance(data, dict) else {}
+    return read_json_object(path, _DOWNLOAD_HINT)
 
 
 def _chat_template(checkpoint_dir: Path, tokenizer_config: dict) -> str | None:
     # Newer HF repos keep the template in its own file instead of tokenizer_config.json.
     if (checkpoint_dir / "chat_template.jinja").is_file():
-        return (checkpoint_dir / "chat_template.jinja").read_text()
+        return read_text_file(checkpoint_dir / "chat_template.jinja", _DOWNLOAD_HINT) or None
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from lit_gpt.parallel import (
     load_optimizer_state,
     load_weights,
 )
-from lit_gpt.utils import UserError, load_state_dict
+from lit_gpt.utils import UserError, load_state_dict, load_torch_file
 
 TRAINING_STATE_FILE = "training_state.pth"
 
@@ -83,9 +84,49 @@ def save_checkpoint(fabric, model: nn.Module, optimizer, folder: Path, hyperpara
     return folder
 
 
-def load_checkpoint(fabric, model: nn.Module, optimizer, folder: Path, adapters_only: bool) -> dict[str, Any]:
-    """Load the weights and optimizer state of `folder` into the run; returns the rest of its training state."""
+def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and training state of a step checkpoint, both read whole before anything is applied.
+
+    A missing, empty, truncated or corrupt file raises `UserError`: nothing of the run has changed then.
+    """
     weights = load_state_dict(folder / "lit_model.pth", mmap=False)
+    state = load_torch_file(folder / TRAINING_STATE_FILE, "resume from an earlier step-NNNNNN folder",
+                            weights_only=False)
+    if not isinstance(state, dict) or not {"optimizer", "step"} <= state.keys():
+        raise UserError(f"{folder / TRAINING_STATE_FILE} is not a training state written by finetune/*.py: resume "
+                        "from an earlier step-NNNNNN folder")
+    return weights, state
+
+
+def read_resume_checkpoint(resume: bool | str | Path, out_dir: Path,
+                           warn: Callable[[str], None]) -> tuple[Path, dict, dict] | None:
+    """The checkpoint `--resume` names, read: (folder, weights, training state), or None when there is none yet.
+
+    With `--resume auto` (or true) a damaged newest checkpoint (a truncated file, say) is skipped with a warning
+    naming it, and the newest complete one before it is used; a folder named explicitly must be readable.
+    """
+    if not (resume is True or resume == "auto"):
+        folder = resume_folder(resume, out_dir)
+        return (folder, *read_checkpoint(folder))
+    candidates = step_checkpoints(out_dir)[::-1]  # newest first
+    for i, folder in enumerate(candidates):
+        try:
+            return (folder, *read_checkpoint(folder))
+        except UserError as e:
+            if i + 1 == len(candidates):
+                raise UserError(f"no complete checkpoint in {out_dir}: {e}; delete the damaged step-NNNNNN "
+                                "folders to start from scratch") from None
+            warn(f"warning: skipping the damaged checkpoint {folder} ({e}); trying {candidates[i + 1].name}")
+    return None
+
+
+def load_checkpoint(fabric, model: nn.Module, optimizer, folder: Path, adapters_only: bool,
+                    read: tuple[dict, dict] | None = None) -> dict[str, Any]:
+    """Load the weights and optimizer state of `folder` into the run; returns the rest of its training state.
+
+    `read` is `read_checkpoint(folder)` when the caller has read it already.
+    """
+    weights, state = read or read_checkpoint(folder)
     missing, unexpected = load_weights(fabric, model, weights)
     if adapters_only:
         if unexpected or any("lora_" in k for k in missing):
@@ -94,7 +135,6 @@ def load_checkpoint(fabric, model: nn.Module, optimizer, folder: Path, adapters_
     elif missing or unexpected:
         raise UserError(f"{folder / 'lit_model.pth'} does not match this model (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}): resume with the same --checkpoint_dir")
-    state = torch.load(folder / TRAINING_STATE_FILE, map_location="cpu", weights_only=False)
     load_optimizer_state(fabric, optimizer, state.pop("optimizer"))
     if state.get("dropbp") is not None:  # written before DropBP was a method like the others: its state was apart
         state["method"] = {**state["method"], "handler": state["dropbp"], "history": state["drop_rate_history"]}

@@ -11,7 +11,7 @@ A run writes into `out_dir`:
     step-000100/                a checkpoint every `save_interval` optimizer steps (see `train_state.py`)
     final/                      the trained weights, config and hyperparameters
     drop_rates.json / .png      DropBP's per-branch drop rates (and sensitivities once calibrated)
-    logs/csv, logs/tensorboard  metrics from Lightning's loggers
+    logs/csv, logs/tensorboard  metrics from Lightning's loggers (`--logger`; logs/wandb for wandb)
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from lit_gpt.args import Finetuning, RunArgs, parse_args, resolve_max_seq_length, validate
+from lit_gpt.args import Finetuning, RunArgs, logger_names, parse_args, resolve_max_seq_length, validate
 from lit_gpt.build import prepare_for_finetuning
 from lit_gpt.checkpoint import LORA_METHODS, load_model, save_hyperparameters
 from lit_gpt.config import Config
-from lit_gpt.data import IGNORE_INDEX, collate, generate_prompt, load_split, micro_batches
+from lit_gpt.data import IGNORE_INDEX, collate, load_split, micro_batches, recorded_data_prompt_style
 from lit_gpt.flops import CostModel, flop_counter
 from lit_gpt.loss import NonFiniteLoss, forward_backward, next_token_loss
 from lit_gpt.methods import RunContext, build_method, summary_line
@@ -42,13 +42,14 @@ from lit_gpt.parallel import (
     no_backward_sync,
     whole_model,
 )
+from lit_gpt.prompts import render_instruction
 from lit_gpt.schedule import cosine_lr
 from lit_gpt.stream import MicroBatchStream, truncate
 from lit_gpt.train_state import (
     TRAINING_STATE_FILE,
     load_checkpoint,
+    read_resume_checkpoint,
     restore_rng,
-    resume_folder,
     rng_state,
     save_checkpoint,
     save_weights,
@@ -69,6 +70,7 @@ class Trainer:
         block_size = Config.from_checkpoint(args.checkpoint_dir).block_size
         self.max_seq_length = resolve_max_seq_length(t.max_seq_length, block_size)
         self.train_set, self.test_set = load_split(args.data_dir, "train"), load_split(args.data_dir, "test")
+        self.prompt_style = recorded_data_prompt_style(args.data_dir)  # the checkpoints carry it to generate/chat
         self.fabric = self._fabric()
         self.sharded = is_sharded(self.fabric)
         world_size, rank = self.fabric.world_size, self.fabric.global_rank
@@ -102,15 +104,12 @@ class Trainer:
 
     # -------------------------------------------------------------- construction
     def _fabric(self):
-        from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
-
         accelerator = self.args.accelerator
         if accelerator == "auto":
             accelerator = "cuda" if torch.cuda.is_available() else "cpu"
         # bf16 on a CPU runs far slower than fp32 (about 26x on this project's machines), so CPU runs default to fp32.
         self.precision = self.args.precision or ("bf16-true" if accelerator == "cuda" else "32-true")
-        logs = self.out_dir / "logs"
-        loggers = [CSVLogger(logs, name="csv"), TensorBoardLogger(logs, name="tensorboard")]
+        loggers = build_loggers(logger_names(self.args.logger), self.out_dir / "logs", self.out_dir.name)
         return build_fabric(accelerator, self.args.devices, self.args.num_nodes, self.args.strategy, self.precision,
                             loggers, self.args.seed)
 
@@ -166,7 +165,10 @@ class Trainer:
         elif fabric.global_rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         if fabric.global_rank == 0:
-            save_hyperparameters(args.hyperparameters(), self.out_dir)
+            save_hyperparameters(self.hyperparameters(), self.out_dir)
+            for logger in fabric.loggers:
+                if type(logger).__name__ == "WandbLogger":  # the run's settings beside its curves in W&B
+                    logger.log_hyperparams(self.hyperparameters())
         self.run.step = self.step
         self.method.start(self.run)
         fabric.print(f"training for {self.max_steps} optimizer steps of {args.train.global_batch_size} samples "
@@ -204,7 +206,7 @@ class Trainer:
         if saved_at != self.step:
             self.save_checkpoint()
         final = self.out_dir / "final"
-        save_weights(fabric, self.model, final, args.hyperparameters(), self.adapters_only)
+        save_weights(fabric, self.model, final, self.hyperparameters(), self.adapters_only)
         fabric.print(f"saved the trained weights to {final}")
         return final
 
@@ -298,12 +300,17 @@ class Trainer:
         model.train()
         return val_loss
 
+    def hyperparameters(self) -> dict:
+        """What every checkpoint's hyperparameters.yaml holds: the run's settings and the data's prompt style."""
+        return {**self.args.hyperparameters(), "prompt_style": self.prompt_style}
+
     def sample_text(self) -> str:
         if not self.args.train.sample_tokens:
             return ""
         from lit_gpt.generate import generate_tokens
 
-        prompt = generate_prompt({"instruction": self.args.train.sample_instruction, "input": ""})
+        prompt = render_instruction(self.prompt_style, {"instruction": self.args.train.sample_instruction},
+                                    self.tokenizer)
         ids = self.tokenizer.encode(prompt, device=self.fabric.device)
         if len(ids) >= self.max_seq_length:
             return ""
@@ -322,14 +329,17 @@ class Trainer:
                  "progress": {"train_seconds": self.train_seconds, "val_history": self.val_history,
                               "step_flops": self.step_flops}}
         return save_checkpoint(self.fabric, self.model, self.optimizer, self.out_dir / f"step-{self.step:06d}",
-                               self.args.hyperparameters(), self.adapters_only, state)
+                               self.hyperparameters(), self.adapters_only, state)
 
     def resume(self) -> None:
-        folder = resume_folder(self.args.resume, self.out_dir)
-        if folder is None:
+        found = read_resume_checkpoint(self.args.resume, self.out_dir,
+                                       warn=lambda line: self.fabric.print(line, file=sys.stderr))
+        if found is None:
             self.fabric.print(f"--resume: no checkpoint in {self.out_dir} yet, starting from scratch")
             return
-        state = load_checkpoint(self.fabric, self.model, self.optimizer, folder, self.adapters_only)
+        folder, weights, state = found
+        state = load_checkpoint(self.fabric, self.model, self.optimizer, folder, self.adapters_only,
+                                read=(weights, state))
         self.method.load_state_dict(state["method"])
         progress = state.get("progress", {})  # absent in checkpoints written before it was kept
         self.train_seconds = progress.get("train_seconds", 0.0)
@@ -338,6 +348,29 @@ class Trainer:
         restore_rng(state["rng"])
         self.step = state["step"]
         self.fabric.print(f"resumed from {folder} at optimizer step {self.step}")
+
+
+def build_loggers(names: list[str], logs: Path, run_name: str) -> list:
+    """Lightning's loggers for `--logger`: CSV in logs/csv, TensorBoard in logs/tensorboard, W&B in logs/wandb.
+
+    W&B runs offline (nothing leaves the machine; `wandb sync` uploads later) when WANDB_MODE=offline is set.
+    """
+    loggers = []
+    for name in names:
+        if name == "csv":
+            from lightning.fabric.loggers import CSVLogger
+
+            loggers.append(CSVLogger(logs, name="csv"))
+        elif name == "tensorboard":
+            from lightning.fabric.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(logs, name="tensorboard"))
+        elif name == "wandb":
+            from lightning.pytorch.loggers import WandbLogger
+
+            logs.mkdir(parents=True, exist_ok=True)
+            loggers.append(WandbLogger(project="dropbp-gpt", name=run_name, save_dir=str(logs)))
+    return loggers
 
 
 def finetune(args: RunArgs) -> Path:

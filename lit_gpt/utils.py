@@ -45,13 +45,77 @@ def check_checkpoint_dir(checkpoint_dir: Path, needs: tuple[str, ...] = ("lit_mo
 
 def load_state_dict(path: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
     """Load a `.pth` state dict lazily (memory-mapped); a truncated or corrupt file raises `UserError`."""
+    state = load_torch_file(path, "convert or download it again", mmap=mmap)
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict of weights: convert or download "
+                        "it again")
+    return state
+
+
+def _damage(path: Path) -> str:
+    """What is wrong with an unreadable file, in words."""
     try:
-        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(
-            f"could not read {path}: the file is truncated or corrupt ({_first_line(e)}); "
-            f"convert or download it again"
-        ) from None
+        return "is empty" if Path(path).stat().st_size == 0 else "is truncated, corrupt or not the right kind of file"
+    except OSError:
+        return "could not be opened"
+
+
+def load_torch_file(path: str | Path, next_step: str, mmap: bool = False, weights_only: bool = True) -> Any:
+    """`torch.load` on CPU; a missing, empty, truncated or non-torch file raises a one-line `UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: {next_step}")
+    try:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=weights_only)
+    except Exception as e:  # zip, pickle, mmap and storage errors: torch raises many kinds for a damaged file
+        raise UserError(f"could not read {path}: the file {_damage(path)} ({_first_line(e)}); {next_step}") from None
+
+
+def read_text_file(path: str | Path, next_step: str) -> str:
+    """A UTF-8 text file, or a one-line `UserError` when it is missing, unreadable or not text."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist: {next_step}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"could not read {path} as UTF-8 text ({_first_line(e)}): {next_step}") from None
+
+
+def read_json_object(path: str | Path, next_step: str) -> dict:
+    """A JSON file holding one object; empty, truncated or other JSON raises a one-line `UserError`."""
+    import json
+
+    path = Path(path)
+    text = read_text_file(path, next_step)
+    if not text.strip():
+        raise UserError(f"{path} is empty: {next_step}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"line {e.lineno} column {e.colno}"
+        raise UserError(f"{path} is not valid JSON ({e.msg} at {where}): {next_step}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object: {next_step}")
+    return data
+
+
+def read_yaml_mapping(path: str | Path, next_step: str) -> dict:
+    """A YAML file holding one mapping; empty, malformed or other YAML raises a one-line `UserError`."""
+    import yaml
+
+    path = Path(path)
+    text = read_text_file(path, next_step)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise UserError(f"{path} is not valid YAML{at}: {next_step}") from None
+    if not isinstance(data, dict):
+        what = "is empty" if data is None else f"holds a YAML {type(data).__name__}, not a mapping"
+        raise UserError(f"{path} {what}: {next_step}")
+    return data
 
 
 def _first_line(e: BaseException) -> str:

@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 from lit_gpt.convert import convert_hf_checkpoint
+from lit_gpt.tokenizer import TOKENIZER_FILES as READ_BY_TOKENIZER
 from lit_gpt.utils import UserError, run_cli
 
-TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                   "special_tokens_map.json", "config.json"]
+TOKENIZER_FILES = [*READ_BY_TOKENIZER, "config.json"]  # chat_template.jinja included
 
 
 def weight_patterns(repo_files: list[str]) -> list[str]:

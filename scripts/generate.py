@@ -10,6 +10,7 @@ import torch
 
 from lit_gpt.checkpoint import load_model
 from lit_gpt.generate import generate_tokens
+from lit_gpt.prompts import check_prompt_style, recorded_prompt_style, render_instruction
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import UserError, check_checkpoint_dir, parse_dtype, run_cli
 
@@ -32,6 +33,7 @@ def setup(
     top_k: int | None = 50,
     seed: int = 1234,
     chat_template: bool | None = None,
+    prompt_style: str | None = None,
     device: str = "auto",
     dtype: str | None = None,
 ) -> str:
@@ -44,7 +46,9 @@ def setup(
         temperature: sampling temperature; 0 picks the most likely token every time.
         top_k: sample only among the k most likely tokens.
         seed: seed of the sampling generator.
-        chat_template: apply the tokenizer's chat template; default: only for instruct/chat models.
+        chat_template: apply the tokenizer's chat template (true) or not (false); default: the prompt style.
+        prompt_style: alpaca, chatml, llama2, plain or auto (the chat template); default: the style the checkpoint
+            was fine-tuned with, else the chat template for instruct/chat models and the prompt as it is otherwise.
         device: cpu, cuda, or auto (cuda when available).
         dtype: float32, bfloat16 or float16; default: the checkpoint's dtype (bfloat16 on CPU is slow).
     """
@@ -57,7 +61,11 @@ def setup(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = Tokenizer(checkpoint_dir)
     model = load_model(checkpoint_dir, device=device, dtype=parse_dtype(dtype))
-    text = format_prompt(tokenizer, prompt, model.config.name, chat_template)
+    style = prompt_style or (recorded_prompt_style(checkpoint_dir) if chat_template is None else None)
+    if style is not None:
+        text = render_instruction(check_prompt_style(style), {"instruction": prompt}, tokenizer)
+    else:
+        text = format_prompt(tokenizer, prompt, model.config.name, chat_template)
     encoded = tokenizer.encode(text, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     stop_ids = tokenizer.stop_ids

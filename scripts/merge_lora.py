@@ -7,15 +7,13 @@ The output loads like any converted checkpoint (scripts/generate.py, eval/lm_eva
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from lit_gpt.checkpoint import LORA_METHODS, finetuned_folder, load_finetuned, load_hyperparameters
 from lit_gpt.lora import fold_lora
+from lit_gpt.prompts import save_prompt_style
+from lit_gpt.tokenizer import copy_tokenizer_files
 from lit_gpt.utils import UserError, atomic_save, check_checkpoint_dir, parse_dtype, run_cli
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                   "special_tokens_map.json")
 
 
 def merge(lora_path: Path, out_dir: Path, checkpoint_dir: Path | None = None, dtype: str | None = None) -> Path:
@@ -37,9 +35,9 @@ def merge(lora_path: Path, out_dir: Path, checkpoint_dir: Path | None = None, dt
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_save(model.state_dict(), out_dir / "lit_model.pth")
     model.config.save(out_dir)
-    for name in TOKENIZER_FILES:
-        if (base_dir / name).is_file():
-            shutil.copy2(base_dir / name, out_dir / name)
+    copy_tokenizer_files(base_dir, out_dir)
+    if hyperparameters.get("prompt_style"):  # generate.py and chat.py prompt the merged model as it was trained
+        save_prompt_style(hyperparameters["prompt_style"], out_dir)
     print(f"merged {folder} into {base_dir} and wrote {out_dir}")
     return out_dir
 

@@ -19,8 +19,9 @@ def prepare(
     seed: int = 42,
     mask_inputs: bool = False,
     max_seq_length: int | None = None,
+    prompt_style: str = "alpaca",
 ) -> None:
-    """Download (or read) Dolly-15k, tokenize it with the Alpaca prompt, and write train.pt and test.pt.
+    """Download (or read) Dolly-15k, tokenize it in a prompt style (Alpaca by default), and write train.pt and test.pt.
 
     Dolly's context and response fields become the prompt's input and the output.
 
@@ -33,6 +34,8 @@ def prepare(
         seed: seed of the shuffle before the split.
         mask_inputs: leave the prompt out of the loss (labels = IGNORE_INDEX there).
         max_seq_length: cut samples to this many tokens; default: the model's block_size.
+        prompt_style: alpaca (default), chatml, llama2, plain, or auto (the tokenizer's chat template if it
+            has one); recorded in prepare.yaml, and used by fine-tuning, generate.py and chat.py.
     """
     prepare_instruction_data(
         lambda: load_records(
@@ -41,6 +44,7 @@ def prepare(
         ),
         checkpoint_dir, destination_path, source=str(data_file or DATA_URL),
         test_size=test_size, seed=seed, mask_inputs=mask_inputs, max_seq_length=max_seq_length,
+        prompt_style=prompt_style,
     )
 
 

@@ -19,6 +19,7 @@ def prepare(
     seed: int = 42,
     mask_inputs: bool = False,
     max_seq_length: int | None = None,
+    prompt_style: str = "alpaca",
 ) -> None:
     """Turn WordNet synsets into records like 'Define the word "dog" (noun).' -> its definition.
 
@@ -32,6 +33,8 @@ def prepare(
         seed: seed of the sample and of the shuffle before the split.
         mask_inputs: leave the prompt out of the loss (labels = IGNORE_INDEX there).
         max_seq_length: cut samples to this many tokens; default: the model's block_size.
+        prompt_style: alpaca (default), chatml, llama2, plain, or auto (the tokenizer's chat template if it
+            has one); recorded in prepare.yaml, and used by fine-tuning, generate.py and chat.py.
     """
     if max_samples is not None and max_samples < 2:
         raise UserError(f"--max_samples must be at least 2 (one train and one test record), got {max_samples}")
@@ -44,6 +47,7 @@ def prepare(
     prepare_instruction_data(
         sample, checkpoint_dir, destination_path, source=f"wordnet:{wordnet_dir}",
         test_size=test_size, seed=seed, mask_inputs=mask_inputs, max_seq_length=max_seq_length,
+        prompt_style=prompt_style,
     )
 
 

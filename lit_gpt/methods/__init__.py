@@ -30,10 +30,15 @@ class MethodArgs:
     """Which method trains (`--method`), and the baselines' settings (flags `--pld_theta`, `--gt_rho`, ...)."""
 
     name: MethodName = "dropbp"
-    pld_theta: float = 0.5  # PLD: θ̄, the keep probability the schedule decays to (DeepSpeed's default)
-    pld_gamma: float = 0.001  # PLD: γ, decay per optimizer step of θ(t) = (1 - θ̄)·exp(-γ·t) + θ̄
-    gt_rho: float = 0.5  # GreenTrainer: FLOPs of a step, as a fraction of full fine-tuning's (the paper's GT-0.5)
-    gt_interval: int = 1  # GreenTrainer: epochs between tensor selections
+    """dropbp (with --drop_rate), pld (Progressive Layer Dropping), greentrainer, or none"""
+    pld_theta: float = 0.5
+    """PLD: the keep probability the schedule decays to (DeepSpeed's default 0.5)"""
+    pld_gamma: float = 0.001
+    """PLD: decay per optimizer step of theta(t) = (1 - theta_bar) * exp(-gamma * t) + theta_bar"""
+    gt_rho: float = 0.5
+    """GreenTrainer: FLOPs of a step, as a fraction of full fine-tuning's (the paper's GT-0.5)"""
+    gt_interval: int = 1
+    """GreenTrainer: epochs between tensor selections"""
 
 
 def check_method_args(method: MethodArgs, dropbp: DropBPArgs) -> None:

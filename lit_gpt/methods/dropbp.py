@@ -27,12 +27,19 @@ class DropBPArgs:
     """How backward passes are dropped (see dropbp/). `drop_rate` 0 trains normally."""
 
     drop_rate: float = 0.0
-    sensitivity: Literal["auto", "none", "grad", "gradnorm"] = "auto"  # auto: gradnorm for full, grad for LoRA
-    sensitivity_at: float = 0.1  # calibrate after this fraction of the optimizer steps
-    recalibrate_every: int | None = None  # optimizer steps between later recalibrations
+    """target fraction of residual branches whose backward pass is dropped; 0 trains normally"""
+    sensitivity: Literal["auto", "none", "grad", "gradnorm"] = "auto"
+    """metric that allocates per-branch drop rates; auto: gradnorm for full, grad for LoRA; none: uniform"""
+    sensitivity_at: float = 0.1
+    """calibrate after this fraction of the optimizer steps"""
+    recalibrate_every: int | None = None
+    """optimizer steps between later recalibrations; null: calibrate once"""
     allocator: Literal["greedy", "flops"] = "greedy"
-    calibration_batch_size: int | None = None  # samples in the calibration batch; default: micro_batch_size
-    lr_compensation: bool = False  # each branch's learning rate times 1 / (1 - p_i), as the paper's library does
+    """greedy: the paper's steps of 0.1 to the least sensitive branch; flops: the convex, FLOPs-aware program"""
+    calibration_batch_size: int | None = None
+    """samples in the calibration batch; default: micro_batch_size"""
+    lr_compensation: bool = False
+    """each branch's learning rate times 1 / (1 - p_i), as the paper's library does"""
 
 
 def check_dropbp_args(args: DropBPArgs) -> None:

@@ -25,7 +25,7 @@ from conftest import ROOT, add_sentencepiece_tokenizer, assert_one_line_error, t
 from lit_gpt import GPT, Config
 from lit_gpt.checkpoint import load_model, save_finetuned
 from lit_gpt.lora import LoRAConfig, add_lora, merge_lora
-from lit_gpt.tokenizer import Tokenizer
+from lit_gpt.tokenizer import TOKENIZER_FILES, Tokenizer
 
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -311,6 +311,8 @@ def finetuned(checkpoint_dir, tmp_path_factory) -> dict[str, Path]:
     merged = GPT(model.config)
     merged.load_state_dict({k.replace(".linear.", "."): v for k, v in model.state_dict().items() if "lora_" not in k})
     save_finetuned(merged, folder / "full", {"finetuning": "full", **common})
+    for name in TOKENIZER_FILES:  # as written before final/ folders carried the tokenizer: the fallback is tested
+        (folder / "full" / name).unlink(missing_ok=True)
     return {"lora": folder / "lora", "full": folder / "full"}
 
 
