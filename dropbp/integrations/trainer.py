@@ -77,12 +77,22 @@ class DropBPTrainerMixin:
             set_branch_flops_for(handler, int(inputs["input_ids"].shape[-1]), train_base)
         metric = self.dropbp_metric if self.dropbp_metric != "auto" else ("gradnorm" if train_base else "grad")
 
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module  # autograd.grad without DDP's gradient reducer, which expects a backward()
+
         def loss_fn() -> torch.Tensor:
             with self.compute_loss_context_manager():
                 return self.compute_loss(model, inputs)
 
+        def mean_over_ranks(sensitivities: list[float]) -> list[float]:
+            # Every rank measures its own micro-batch; all must allocate the same rates to draw the same decisions.
+            if self.accelerator.num_processes == 1:
+                return sensitivities
+            values = torch.tensor(sensitivities, dtype=torch.float64, device=self.args.device)
+            return self.accelerator.reduce(values, reduction="mean").tolist()
+
         result = handler.sensitivity_based_drop_bp(loss_fn, self.dropbp_target, metric=metric,
-                                                   allocator=self.dropbp_allocator)
+                                                   allocator=self.dropbp_allocator, reduce=mean_over_ranks)
         self.dropbp_calibrated.append(self.state.global_step)
         self.dropbp_history.append({"step": self.state.global_step, "drop_rates": handler.drop_rates,
                                     "sensitivities": handler.sensitivities, "backward_flops": handler.branch_flops,
