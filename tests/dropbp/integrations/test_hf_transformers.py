@@ -76,6 +76,19 @@ def test_dropped_branches_get_no_gradient_and_keep_no_activations(family, one_th
                if n.startswith(("model.layers.0.mlp.", "model.layers.1.self_attn.", "lm_head", "model.norm")))
 
 
+def test_hf_gradient_checkpointing_recomputes_with_the_same_decisions(one_thread):
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor | None]:
+        model = make_model()
+        apply_dropbp(model, drop_rate=0.0).set_drop_rates([1.0, 0.0, 0.0, 1.0])
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        return gradients(model)
+
+    plain, checkpointed = grads(False), grads(True)
+    assert [n for n, g in plain.items() if g is None] == [n for n, g in checkpointed.items() if g is None] != []
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain if plain[n] is not None)
+
+
 def test_an_unknown_model_names_what_to_pass():
     class Block(torch.nn.Module):
         def __init__(self):
