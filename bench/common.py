@@ -10,6 +10,12 @@ from pathlib import Path
 
 import torch
 
+from dropbp import DropBPHandler
+from lit_gpt.build import prepare_for_finetuning, random_model
+from lit_gpt.config import Config
+from lit_gpt.lora import LoRAConfig
+from lit_gpt.model import GPT
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -72,14 +78,34 @@ def smollm2_checkpoint(work_dir: Path) -> Path:
 
 
 def wordnet_data(checkpoint_dir: Path, work_dir: Path, max_samples: int, test_size: int, seed: int = 42) -> Path:
-    """`scripts/prepare_wordnet.py` data for `checkpoint_dir`'s tokenizer, cached in `work_dir` per model, size and seed."""
+    """`scripts/prepare_wordnet.py` data for `checkpoint_dir`'s tokenizer, cached in `work_dir` per model, size and seed.
+
+    The script's `prepare` (a seeded sample of `lit_gpt.data.read_wordnet`'s records, handed to
+    `lit_gpt.data.prepare_instruction_data`) is loaded from its file, so that the sample is drawn by the one copy
+    of that code: `scripts/` is a folder of command-line tools, not a package.
+    """
     data_dir = Path(work_dir) / "data" / f"wordnet-{Path(checkpoint_dir).name}-{max_samples}-{test_size}-{seed}"  # per tokenizer
     if not (data_dir / "test.pt").is_file():
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-        from prepare_wordnet import prepare
+        import importlib.util
 
-        prepare(checkpoint_dir, destination_path=data_dir, max_samples=max_samples, test_size=test_size, seed=seed)
+        script = Path(__file__).resolve().parent.parent / "scripts" / "prepare_wordnet.py"
+        spec = importlib.util.spec_from_file_location("prepare_wordnet", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.prepare(checkpoint_dir, destination_path=data_dir, max_samples=max_samples, test_size=test_size,
+                       seed=seed)
     return data_dir
+
+
+def training_model(config: Config, finetuning: str, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32, seed: int = 0, quantize: str = "bnb.nf4") -> GPT:
+    """A random-weight model as a fine-tuning of kind `finetuning` trains it, in training mode.
+
+    The training loop's own factory (`lit_gpt.build`): random weights in `dtype`, then 4-bit base (qlora) and LoRA
+    adapters (r 8, alpha 16 on every linear of the blocks, as in the paper) by `prepare_for_finetuning`.
+    """
+    model = random_model(config, device, dtype, seed)
+    return prepare_for_finetuning(model, finetuning, LoRAConfig(), quantize, dtype, device).train()
 
 
 def finetune_run(kind: str, argv: list[str], threads: int | None = None):
@@ -87,7 +113,8 @@ def finetune_run(kind: str, argv: list[str], threads: int | None = None):
 
     `kind` is full, lora or qlora; `argv` are the flags of `finetune/<kind>.py`. What the benchmarks read
     afterwards: `trainer.val_history` (step, val_loss, train_seconds, train_flops at every validation),
-    `trainer.drop_rate_history`, `trainer.step_ms`, `trainer.step_flops` and `trainer.flops`.
+    `trainer.method` (DropBP's allocations in `drop_rate_history(trainer)`), `trainer.step_ms`, `trainer.step_flops`
+    and `trainer.flops`.
     """
     from lit_gpt.training import Trainer, parse_args
 
@@ -98,13 +125,39 @@ def finetune_run(kind: str, argv: list[str], threads: int | None = None):
     return trainer
 
 
+def detached_handler(model: GPT, seed: int) -> DropBPHandler:
+    """A `DropBPHandler` without its forward hook: decisions are drawn only by `handler.draw(step=i)`.
+
+    A benchmark repeats or replays chosen decisions (and draws them outside fake-tensor contexts); the hook would
+    draw the next decision in every training forward.
+    """
+    handler = DropBPHandler(model, seed=seed)
+    handler.remove()
+    return handler
+
+
+def dropbp_handler(trainer):
+    """The run's `DropBPHandler`, or None when it did not train with DropBP (`--method dropbp --drop_rate > 0`)."""
+    return getattr(trainer.method, "handler", None)
+
+
+def drop_rate_history(trainer) -> list[dict]:
+    """Every drop-rate allocation of the run (the uniform start, then each calibration); empty without DropBP."""
+    return list(getattr(trainer.method, "history", []))
+
+
+def command_line(name: str, argv: list[str] | None = None) -> str:
+    """The command that reruns benchmark `name` with these flags (default: this process's own)."""
+    return " ".join(["python -m", f"bench.{name}", *(sys.argv[1:] if argv is None else argv)]).strip()
+
+
 def write_results(out: Path, name: str, machine: str, setting: str, table: str, data: dict) -> Path:
     """Write `<name>.md` (machine, setting, the exact command, the table) and `<name>.json`, and print the table."""
     import json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    command = (f"python bench/{name}.py " + " ".join(sys.argv[1:])).strip()
+    command = command_line(name)
     (out / f"{name}.md").write_text(f"Machine: {machine}\n\nSetting: {setting}\n\nCommand: `{command}`\n\n{table}\n")
     (out / f"{name}.json").write_text(json.dumps(dict(machine=machine, setting=setting, command=command, **data), indent=2))
     print(f"\nMachine: {machine}\nSetting: {setting}\n\n{table}\n\nwrote {out}/{name}.md, .json, .png")

@@ -8,7 +8,7 @@ validation set. Only `--method` and its own flags change between runs:
   PLD (θ̄ = 0.5; γ chosen so that θ reaches halfway to θ̄ by mid-run) and GreenTrainer (`--gt_rho`).
 
 Time is the training work only (steps, DropBP calibration, GreenTrainer's selection), not validation. FLOPs
-are the cost model's price of every micro-batch's actual decisions (`lit_gpt.methods.flops`).
+are the cost model's price of every micro-batch's actual decisions (`lit_gpt.flops`).
 
 The speed-up is the time (or FLOPs) the baseline needs to reach its own final validation loss, divided by
 the time the method needs to reach that loss, with the validation curve interpolated linearly between
@@ -16,23 +16,19 @@ evaluations. A method that never reaches it is reported as such, with its final 
 (one backward pass per branch on one micro-batch) is a one-off cost: a short run pays it in full, a run of
 thousands of steps hardly notices it, so the time speed-up is also given without it.
 
-    python bench/convergence.py                      # CPU, fp32, about 10 minutes
-    python bench/convergence.py --steps 200 --eval_interval 10 --drop_rates [0.875]
+    python -m bench.convergence                      # CPU, fp32, about 10 minutes
+    python -m bench.convergence --steps 200 --eval_interval 10 --drop_rates [0.875]
 """
 
 from __future__ import annotations
 
 import math
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
-
-from common import (finetune_run, machine_description, markdown_table, resolve_device, smollm2_checkpoint,  # noqa: E402
-                    wordnet_data, write_results)
-
-from lit_gpt.utils import UserError, run_cli  # noqa: E402
+from bench.common import (drop_rate_history, dropbp_handler, finetune_run, machine_description, markdown_table,
+                          resolve_device, smollm2_checkpoint, wordnet_data, write_results)
+from lit_gpt.utils import UserError, run_cli
 
 REAL_MODEL = "SmolLM2-135M-Instruct"
 
@@ -132,8 +128,9 @@ def run_note(trainer) -> str:
         return f"{int(method.selected.sum())}/{len(method.units)} tensors, {method.backward_fraction:.2f} of the backward"
     if method.name == "pld":
         return f"θ at end {method.theta:.2f}, {method.metrics()['pld_mean_kept_fraction']:.2f} of blocks kept"
-    if trainer.handler is not None:
-        return f"mean realised drop {trainer.handler.mean_realised_drop_rate:.2f} of branch backward FLOPs"
+    handler = dropbp_handler(trainer)
+    if handler is not None:
+        return f"mean realised drop {handler.mean_realised_drop_rate:.2f} of branch backward FLOPs"
     return ""
 
 
@@ -213,10 +210,11 @@ def main(
         shutil.rmtree(run_dir, ignore_errors=True)
         trainer = finetune_run("lora", common_flags + ["--out_dir", str(run_dir)] + flags, threads)
         step_ms = sorted(trainer.step_ms)
-        add_time_without_calibration(trainer.val_history, trainer.drop_rate_history)
+        allocations = drop_rate_history(trainer)
+        add_time_without_calibration(trainer.val_history, allocations)
         results.append({"label": label, "flags": flags, "history": trainer.val_history,
                         "ms_per_step": step_ms[len(step_ms) // 2], "note": run_note(trainer),
-                        "drop_rate_history": trainer.drop_rate_history})
+                        "drop_rate_history": allocations})
     summarise(results)
 
     machine = machine_description(torch_device)

@@ -14,12 +14,12 @@ calibration step, so the difference of their validation losses is the effect of 
 (one seed: how large a difference chance alone gives is not measured here).
 
 Outputs, in `--out`: drop_rates.md (table, setting, command), drop_rates.json (every run's validation history,
-rates and sensitivities), drop_rates.png (rates and sensitivities per layer, one row per learning rate) and
-val_loss.png (validation curves).
+rates and sensitivities), drop_rates_lr<lr>.png (rates and sensitivities per layer of each calibrated run, as the
+training loop plots them) and val_loss.png (validation curves).
 
-    python bench/drop_rates.py                                   # CPU, fp32, about 10 minutes
-    python bench/drop_rates.py --steps 200 --eval_interval 25    # longer, for a machine with time to spare
-    python bench/drop_rates.py --model_name Llama-2-7b-hf --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
+    python -m bench.drop_rates                                   # CPU, fp32, about 10 minutes
+    python -m bench.drop_rates --steps 200 --eval_interval 25    # longer, for a machine with time to spare
+    python -m bench.drop_rates --model_name Llama-2-7b-hf --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
 """
 
 from __future__ import annotations
@@ -27,17 +27,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
-
-from common import (finetune_run, machine_description, markdown_table, resolve_device, smollm2_checkpoint,  # noqa: E402
-                    wordnet_data)
-
-from dropbp.allocation import dropped_fraction  # noqa: E402
-from lit_gpt.utils import UserError, run_cli  # noqa: E402
+from bench.common import (command_line, drop_rate_history, dropbp_handler, finetune_run, machine_description, markdown_table,
+                          resolve_device, smollm2_checkpoint, wordnet_data)
+from dropbp.allocation import dropped_fraction
+from lit_gpt.utils import UserError, run_cli
 
 REAL_MODEL = "SmolLM2-135M-Instruct"
 ALLOCATIONS = ("uniform", "sensitivity")  # uniform first: the reference of each pair
@@ -45,7 +41,7 @@ ALLOCATIONS = ("uniform", "sensitivity")  # uniform first: the reference of each
 
 def summarise_run(trainer, learning_rate: float, allocation: str, wall_seconds: float) -> dict:
     """What the tables and plots need from one finished run."""
-    final = trainer.drop_rate_history[-1]
+    final = drop_rate_history(trainer)[-1]
     calibrated = final["allocator"] != "uniform"
     return {
         "learning_rate": learning_rate,
@@ -60,7 +56,8 @@ def summarise_run(trainer, learning_rate: float, allocation: str, wall_seconds: 
         "sensitivities": final["sensitivities"],
         "backward_flops": final["backward_flops"],
         "allocated_drop_rate": dropped_fraction(final["drop_rates"], final["backward_flops"]),  # what the target constrains
-        "realised_drop_rate": trainer.handler.mean_realised_drop_rate,
+        "realised_drop_rate": dropbp_handler(trainer).mean_realised_drop_rate,
+        "allocation_entry": final,  # the run's last allocation, as the training loop records and plots it
         "train_seconds": trainer.train_seconds,
         "train_flops": math.fsum(trainer.step_flops),
         "median_step_ms": sorted(trainer.step_ms)[len(trainer.step_ms) // 2] if trainer.step_ms else None,
@@ -122,47 +119,13 @@ def allocation_notes(runs: list[dict]) -> list[str]:
     return notes
 
 
-def plot_drop_rates(runs: list[dict], path: Path, title: str) -> None:
-    """Fig. 6a / Fig. 8 analog: per-layer rates of attention and MLP (left) and their sensitivities (right)."""
-    import matplotlib
+def plot_allocations(runs: list[dict], out: Path) -> list[Path]:
+    """Fig. 6a / Fig. 8 analog: each calibrated run's per-layer rates and sensitivities, drawn by the training
+    loop's own `lit_gpt.plots.plot_drop_rates`, one file per learning rate (`drop_rates_lr<lr>.png`)."""
+    from lit_gpt.plots import plot_drop_rates
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    calibrated = [r for r in runs if r["calibration_step"] is not None]
-    if not calibrated:
-        return
-    n_layer = len(calibrated[0]["drop_rates"]) // 2
-    layers = list(range(n_layer))
-    fig, axes = plt.subplots(len(calibrated), 2, figsize=(max(10.0, 0.42 * n_layer + 4), 3.0 * len(calibrated) + 0.8),
-                             squeeze=False)
-    width = 0.4
-    for row, r in zip(axes, calibrated):
-        rates, sens = r["drop_rates"], r["sensitivities"]
-        ax = row[0]
-        ax.bar([l - width / 2 for l in layers], rates[0::2], width, label="attention", color="tab:blue")
-        ax.bar([l + width / 2 for l in layers], rates[1::2], width, label="MLP", color="tab:orange")
-        ax.axhline(r["target_drop_rate"], color="black", linestyle="--", linewidth=1,
-                   label=f"target {r['target_drop_rate']:g}")
-        ax.set(ylabel="drop rate", ylim=(0, 1.22), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0],
-               title=f"lr {r['learning_rate']:g}: drop rates after calibration at step {r['calibration_step']} "
-                     f"(FLOPs-weighted mean {r['allocated_drop_rate']:.3f})")
-        ax.legend(loc="upper center", ncol=3, fontsize=8)
-        ax = row[1]
-        ax.plot(layers, sens[0::2], "o-", label="attention", color="tab:blue", markersize=4)
-        ax.plot(layers, sens[1::2], "s-", label="MLP", color="tab:orange", markersize=4)
-        ax.set(ylabel=f"sensitivity ({r['metric']})", yscale="log", title=f"lr {r['learning_rate']:g}: sensitivities")
-        ax.legend(loc="upper left", fontsize=8)
-        for ax in row:
-            ax.set_xticks(layers[:: max(1, n_layer // 15)])
-            ax.set_xlim(-0.7, n_layer - 0.3)
-            ax.grid(axis="y", alpha=0.3)
-    for ax in axes[-1]:
-        ax.set_xlabel("layer")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return [plot_drop_rates(r["allocation_entry"], Path(out) / f"drop_rates_lr{r['learning_rate']:g}.png")
+            for r in runs if r["calibration_step"] is not None]
 
 
 def plot_val_loss(runs: list[dict], path: Path, title: str) -> None:
@@ -297,13 +260,13 @@ def main(
                f"{warmup} warmup step{'s' if warmup > 1 else ''}, target drop rate {drop_rate:g}, {allocator} allocator, "
                f"seed {seed}; "
                f"sensitivity runs calibrate before step {int(0.1 * steps)} on {micro_batch_size} training samples")
-    command = command_line(main, arguments)
+    command = rerun_command(main, arguments)
     main_table, details, notes = table4(runs), detail_table(runs), allocation_notes(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     title = (f"{checkpoint_dir.name} LoRA, {precision}, WordNet, {steps} steps of {global_batch_size} samples, "
              f"target drop rate {drop_rate:g}, {allocator} allocator, seed {seed}\n{machine}")
-    plot_drop_rates(runs, out / "drop_rates.png", title)
+    plots = plot_allocations(runs, out)
     plot_val_loss(runs, out / "val_loss.png", title)
     report = (f"# Uniform vs sensitivity-based drop rates (the paper's Table 4, Fig. 6 and Fig. 8)\n\n"
               f"Machine: {machine}\n\nSetting: {setting}\n\nCommand: `{command}` ({total_seconds / 60:.1f} minutes)\n\n"
@@ -311,17 +274,18 @@ def main(
               "\n'realised p' is the FLOPs-weighted share of backward work actually dropped over the run; "
               "'train s' counts training steps and calibration, not validation. One seed per cell: the runs of a "
               "learning rate are identical up to the calibration, and how far chance alone moves the final loss "
-              "is not measured.\n\n![drop rates](drop_rates.png)\n\n![validation loss](val_loss.png)\n")
+              "is not measured.\n\n" + "".join(f"![drop rates]({path.name})\n\n" for path in plots) +
+              "![validation loss](val_loss.png)\n")
     (out / "drop_rates.md").write_text(report)
     (out / "drop_rates.json").write_text(json.dumps(dict(machine=machine, setting=setting, command=command,
                                                          total_seconds=total_seconds, runs=runs), indent=2))
     print(f"\nMachine: {machine}\nSetting: {setting}\n\n{main_table}\n\n{details}\n\n" + "\n".join(notes) +
-          f"\n\n{total_seconds / 60:.1f} minutes; wrote {out}/drop_rates.md, .json, drop_rates.png, val_loss.png")
+          f"\n\n{total_seconds / 60:.1f} minutes; wrote {out}/drop_rates.md, .json, drop_rates_lr*.png, val_loss.png")
     return runs
 
 
-def command_line(fn, values: dict) -> str:
-    """The command that reruns `fn` with `values`: the script and every flag that differs from its default."""
+def rerun_command(fn, values: dict) -> str:
+    """The command that reruns `fn` with `values`: the module and every flag that differs from its default."""
     import inspect
 
     flags = []
@@ -334,7 +298,7 @@ def command_line(fn, values: dict) -> str:
         elif value is None:
             value = "null"
         flags.append(f"--{name} {value}")
-    return " ".join(["python bench/drop_rates.py", *flags])
+    return command_line("drop_rates", flags)
 
 
 if __name__ == "__main__":

@@ -9,40 +9,40 @@ rate, over several draws.
 The LoRA weights are the trained tensors. LoRA's B starts at zero, which makes A's gradient zero, so B is
 first set to small random values, as after a few training steps.
 
-    python bench/gradient_alignment.py                    # SmolLM2-135M-Instruct, LoRA, WordNet batch, CPU
-    python bench/gradient_alignment.py --device cuda --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
+    python -m bench.gradient_alignment                    # SmolLM2-135M-Instruct, LoRA, WordNet batch, CPU
+    python -m bench.gradient_alignment --device cuda --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
-
-from common import (machine_description, markdown_table, resolve_device, smollm2_checkpoint,  # noqa: E402
-                    wordnet_data, write_results)
-
-from dropbp import DropBPHandler  # noqa: E402
-from lit_gpt.checkpoint import load_model  # noqa: E402
-from lit_gpt.data import collate  # noqa: E402
-from lit_gpt.lora import LoRAConfig, add_lora  # noqa: E402
-from lit_gpt.training import next_token_loss  # noqa: E402
-from lit_gpt.utils import UserError, run_cli  # noqa: E402
+from bench.common import (detached_handler, machine_description, markdown_table, resolve_device, smollm2_checkpoint,
+                          wordnet_data, write_results)
+from dropbp import DropBPHandler
+from lit_gpt.build import prepare_for_finetuning
+from lit_gpt.checkpoint import load_model
+from lit_gpt.data import collate
+from lit_gpt.lora import LoRAConfig
+from lit_gpt.loss import forward_backward
+from lit_gpt.utils import UserError, run_cli
 
 REAL_MODEL = "SmolLM2-135M-Instruct"
 
 
 def branch_gradients(model, handler: DropBPHandler, input_ids, labels, drop_rate: float, draw: int):
-    """Per-branch flattened gradients of the trainable weights, and which branches were dropped."""
+    """Per-branch flattened gradients of the trainable weights, and which branches were dropped.
+
+    `handler` is a `detached_handler`: decision `draw` is drawn here, and the micro-batch is the training loop's.
+    """
     handler.set_initial_drop_rate(drop_rate)
-    handler.step = draw
+    handler.draw(step=draw)
     model.zero_grad(set_to_none=True)
-    next_token_loss(model(input_ids), labels).backward()  # the training loop's loss
+    forward_backward(model, input_ids, labels, skip_backward=handler.detect_non_grad)
     grads = []
     for layer in handler.layers:
         parts = [p.grad.flatten() for p in layer.branch_parameters() if p.requires_grad and p.grad is not None]
@@ -141,13 +141,13 @@ def main(
     input_ids, labels = (t.to(torch_device) for t in collate(samples))
     model = load_model(checkpoint_dir).to(torch_device)
     torch.manual_seed(seed)  # LoRA's A and B
-    add_lora(model, LoRAConfig())
+    prepare_for_finetuning(model, "lora", LoRAConfig(), device=torch_device)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
                 p.normal_(0.0, lora_b_std)
     model.train()
-    handler = DropBPHandler(model, seed=seed)
+    handler = detached_handler(model, seed=seed)
     rows = measure(model, handler, input_ids, labels, drop_rates, draws)
 
     summary = [r for r in rows if not isinstance(r["layer"], int)]

@@ -24,7 +24,8 @@ and AdamW states are all allocated, and the tensors the step creates come and go
   not used: there SDPA takes its math path and saves more than the CPU's flash kernel). Checked at every run:
   the fake count equals a real CPU run's count on the same configuration (`cross-check` lines), and the
   counting model is compared with the measured peak RSS of a training step in a fresh process
-  (`validation` lines, measured ÷ counted).
+  (`validation` lines, measured ÷ counted), and the step peak with PyTorch's own tensor-memory tracker,
+  `torch.distributed._tools.mem_tracker.MemTracker`, on the same fake micro-batch (`MemTracker` lines).
   The counted bytes of one step are affine in the sequence length T for every op (checked), so the longest
   sequence under the budget is solved from two counts per draw, then confirmed by a third count at the answer T*
   (it must equal the prediction and fit; otherwise the search falls back to bisection over counts).
@@ -33,9 +34,13 @@ DropBP is stochastic: systematic sampling fixes how many branches are dropped bu
 MLP branches differ in size). Every configuration is counted over `--draws` draws and the peak over them is
 reported; the longest sequence is the one that fits for every draw.
 
-    python bench/memory.py                                       # CPU count, SmolLM2-135M shape, fp32, + LLaMA-2-7B estimate
-    python bench/memory.py --estimates '[Llama-2-70b-hf:qlora]'  # the paper's 70B QLoRA row (count-model estimate)
-    python bench/memory.py --device cuda --model_name Llama-2-7b-hf --methods '[full]' --memory_budget_gib 80
+The model comes from the training loop's factory (`lit_gpt.build`; on fake tensors only its construction differs),
+and the loss is the loop's (`lit_gpt.loss`). What the numbers show, and how they were validated, is in
+bench/README.md; memory.md holds the tables and the numbers of the checks.
+
+    python -m bench.memory                                       # CPU count, SmolLM2-135M shape, fp32, + LLaMA-2-7B estimate
+    python -m bench.memory --estimates '[Llama-2-70b-hf:qlora]'  # the paper's 70B QLoRA row (count-model estimate)
+    python -m bench.memory --device cuda --model_name Llama-2-7b-hf --methods '[full]' --memory_budget_gib 80
 """
 
 from __future__ import annotations
@@ -57,20 +62,20 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
-
-from common import default_dtype, machine_description, markdown_table, resolve_device  # noqa: E402
-
-from dropbp import DropBPHandler  # noqa: E402
-from lit_gpt.config import Config  # noqa: E402
-from lit_gpt.lora import LoRAConfig, LoRALinear, add_lora  # noqa: E402
-from lit_gpt.model import GPT  # noqa: E402
-from lit_gpt.training import next_token_loss  # noqa: E402
-from lit_gpt.utils import UserError, parse_dtype, run_cli  # noqa: E402
+from bench.common import (command_line, default_dtype, detached_handler, machine_description, markdown_table,
+                          resolve_device, training_model)
+from dropbp import DropBPHandler
+from lit_gpt.build import prepare_for_finetuning
+from lit_gpt.config import Config
+from lit_gpt.lora import LoRAConfig, LoRALinear
+from lit_gpt.loss import forward_backward, next_token_loss
+from lit_gpt.model import GPT
+from lit_gpt.utils import UserError, parse_dtype, run_cli
 
 METHODS = ("full", "lora", "qlora")
 GIB, MIB = 2**30, 2**20
-# The paper's Table 3 (A100 80 GB): longest trainable sequence at p = 0, 0.5, 0.75, 0.875 (DESIGN.md §7).
+# The paper's Table 3 (LLaMA2-7B full fine-tuning and LLaMA2-70B QLoRA on an A100 80 GB): longest trainable
+# sequence at p = 0, 0.5, 0.75, 0.875.
 PAPER_LONGEST = {("Llama-2-7b-hf", "full"): [1.5e3, 2.6e3, 5.1e3, 10.6e3],
                  ("Llama-2-70b-hf", "qlora"): [0.6e3, 1.2e3, 2.0e3, 3.7e3]}
 PAPER_RATES = [0.0, 0.5, 0.75, 0.875]
@@ -105,31 +110,28 @@ def build_model(config: Config, method: str, dtype: torch.dtype, device: torch.d
                 quantize: str, fake_mode=None, zero_grads: bool = True) -> GPT:
     """The model a fine-tuning of `method` trains, in training mode, with zero gradients (accumulation's state).
 
-    Under `fake_mode` the model has fake tensors, and QLoRA is built as its LoRA graph with a float base: the
-    4-bit weights are then accounted by `four_bit_bytes` (bitsandbytes cannot quantize fake tensors).
+    Real models come from the training loop's factory (`bench.common.training_model`). Under `fake_mode` the
+    model has fake tensors, which `lit_gpt.build.random_model` cannot make (its `.to(dtype)` cannot swap fake
+    parameters, so they are built in `dtype`), and QLoRA is built as its LoRA graph with a float base: the 4-bit
+    weights are then accounted by `four_bit_bytes` (bitsandbytes cannot quantize fake tensors).
     """
-    with fake_mode or nullcontext():
-        torch.manual_seed(seed)
-        if fake_mode is not None:  # `.to(dtype)` cannot swap fake parameters: build them in `dtype` instead
+    config = replace(config)  # the count sets block_size per length
+    if fake_mode is None:
+        model = training_model(config, method, device, dtype, seed, quantize)
+    else:
+        with fake_mode:
+            torch.manual_seed(seed)
             default = torch.get_default_dtype()
             torch.set_default_dtype(dtype)
             try:
-                model = GPT(replace(config))
+                model = GPT(config)
             finally:
                 torch.set_default_dtype(default)
-        else:
-            with torch.device(device):
-                model = GPT(replace(config))
-            model.reset_parameters()
-            model.to(dtype)
-        if method == "qlora" and fake_mode is None:
-            from lit_gpt.quantize import quantize_linears
-
-            quantize_linears(model, quantize, dtype, device)
-        if method in ("lora", "qlora"):
-            add_lora(model, LoRAConfig())  # r = 8, alpha = 16 on every linear, as in the paper
-            cast_adapters(model, dtype)
-        model.train()
+            prepare_for_finetuning(model, "lora" if method == "qlora" else method, LoRAConfig(), quantize, dtype,
+                                   device)
+            model.train()
+    with fake_mode or nullcontext():
+        cast_adapters(model, dtype)
         for p in model.parameters():
             if p.requires_grad and zero_grads:
                 p.grad = torch.zeros_like(p)
@@ -142,15 +144,12 @@ def make_handler(model: GPT, seed: int) -> DropBPHandler:
     The hook is removed so that the draw happens outside a fake-tensor context (it needs real numbers) and
     so that draw i is the same decision in every count of every configuration.
     """
-    handler = DropBPHandler(model, seed=seed)
-    handler.remove()
-    return handler
+    return detached_handler(model, seed)
 
 
 def draw(handler: DropBPHandler, p: float, index: int) -> None:
     handler.set_initial_drop_rate(p)
-    handler.step = index
-    handler.draw()
+    handler.draw(step=index)
 
 
 def storage_key(t: torch.Tensor) -> int:
@@ -240,16 +239,19 @@ class StepCount:
 
 
 def micro_batch(model: GPT, handler: DropBPHandler, ids: torch.Tensor) -> None:
-    """One training micro-batch as `lit_gpt.training.Trainer.train_step` runs it (the loss is not kept)."""
-    loss = next_token_loss(model(ids), ids)
-    if handler.detect_non_grad():  # nothing can learn from this micro-batch: training skips backward()
-        return
-    loss.backward()
+    """One training micro-batch, the loop's own (`lit_gpt.loss.forward_backward`); the loss is not kept."""
+    forward_backward(model, ids, ids, skip_backward=handler.detect_non_grad)
 
 
 def count_step(model: GPT, handler: DropBPHandler, p: float, draw_index: int, seq_len: int, batch: int,
                fake_mode=None) -> StepCount:
-    """Count one micro-batch of `seq_len` tokens at drop rate p with decision `draw_index`."""
+    """Count one micro-batch of `seq_len` tokens at drop rate p with decision `draw_index`.
+
+    The micro-batch is `lit_gpt.loss.forward_backward`'s, spelled out: its loss (`next_token_loss`), then the
+    backward unless `detect_non_grad` says nothing can learn. It cannot be called itself here: its finiteness
+    check reads the loss's value, which a fake tensor does not have, and the saved bytes are read between the
+    forward and the backward.
+    """
     draw(handler, p, draw_index)  # outside the fake-tensor context: sampling needs real numbers
     model.config.block_size = seq_len  # the RoPE table is built in the step for this length and counted there
     model._rope = None
@@ -444,8 +446,7 @@ def validate(config: Config, method: str, p: float, draw_index: int, dtype: torc
     """
     spec = json.dumps(dict(config=config.__dict__, method=method, p=p, draw=draw_index, dtype=str(dtype).removeprefix("torch."),
                            seed=seed, quantize=quantize, batch=batch, seq_len=seq_len, threads=torch.get_num_threads()))
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
-            f"from memory import rss_probe; rss_probe({spec!r})")
+    code = f"from bench.memory import rss_probe; rss_probe({spec!r})"  # run from the repository root
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env,
                             cwd=Path(__file__).resolve().parent.parent)
@@ -460,6 +461,36 @@ def validate(config: Config, method: str, p: float, draw_index: int, dtype: torc
                 states_measured=m["before"] - m["after_build"], states_counted=static["grads"] + static["optimizer"],
                 step_measured=m["peak"] - m["before"], step_counted=step_counted,
                 step_ratio=(m["peak"] - m["before"]) / step_counted)
+
+
+def memtracker_peak(model: GPT, handler: DropBPHandler, p: float, draw_index: int, seq_len: int, batch: int,
+                    fake_mode=None) -> int | None:
+    """The step peak of `count_step`'s micro-batch as PyTorch's MemTracker sees it: its peak tensor bytes less
+    what it tracked before the micro-batch (weights, gradients and the token ids, which it counts as the model's
+    input). None for a model with frozen parameters (LoRA, QLoRA): MemTracker hooks every parameter's gradient,
+    and registering that hook on a tensor that does not require grad fails (torch 2.13)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    if not all(p.requires_grad for p in model.parameters()):
+        return None
+
+    draw(handler, p, draw_index)
+    model.config.block_size = seq_len
+    model._rope = None
+    device = model.transformer.wte.weight.device
+    with fake_mode or nullcontext():
+        ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+        tracker = MemTracker()
+        tracker.track_external(model, ids, *[p.grad for p in model.parameters() if p.grad is not None])
+        before = sum(snap["Total"] for snap in tracker.get_tracker_snapshot("current").values())
+        with tracker:
+            loss = next_token_loss(model(ids), ids)
+            if not handler.detect_non_grad():
+                loss.backward()
+            del loss
+    model._rope = None
+    peak = sum(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
+    return peak - before
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
@@ -487,13 +518,18 @@ def cuda_measure(config: Config, method: str, drop_rates: list[float], draws: in
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = next_token_loss(model(ids), ids)
         weights = {storage_key(t) for t in static_tensors(model)}
-        saved_bytes = sum(n for k, n in saved.items() if k not in weights)
-        if not handler.detect_non_grad():
+        saved_bytes = 0
+
+        def backward(loss: torch.Tensor) -> None:
+            nonlocal saved_bytes
+            saved_bytes = sum(n for k, n in saved.items() if k not in weights)  # what the forward saved
             loss.backward()
-        del loss
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # backward saves nothing itself
+            forward_backward(model, ids, ids, backward=backward, skip_backward=handler.detect_non_grad)
+        if not saved_bytes:  # the backward was skipped
+            saved_bytes = sum(n for k, n in saved.items() if k not in weights)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device), base, saved_bytes
 
@@ -744,9 +780,6 @@ def main(
             gc.collect()  # the model and optimizer of `method` are gone: give their memory back before the next
             torch.cuda.empty_cache()
         kind = "measured"
-        notes.append("Measured with torch.cuda.max_memory_allocated over one micro-batch on top of weights, gradients "
-                     "and AdamW states (torch.optim.AdamW for every method); longest sequence by out-of-memory bisection "
-                     "with the allocator capped at the budget.")
     else:
         print(f"counting {model_name} ({dtype_name}, seq {seq_len}, micro-batch {micro_batch_size}) on fake tensors")
         rows, counters = count_rows(config, methods, drop_rates, draws, torch_dtype, seed, quantize, micro_batch_size,
@@ -757,8 +790,7 @@ def main(
         picks = sorted({0.0, max(drop_rates)})
         for method in methods:
             if method == "qlora" and not has_bitsandbytes():
-                notes.append("bitsandbytes is not installed: the QLoRA count was not cross-checked against a real 4-bit "
-                             "model (pip install bitsandbytes).")
+                notes.append("bitsandbytes is not installed: QLoRA not cross-checked against a real 4-bit model")
                 continue
             real_static, real_counts = real_cpu_count(config, method, torch_dtype, seed, quantize, micro_batch_size,
                                                       [(p, 0) for p in picks], seq_len)
@@ -772,9 +804,12 @@ def main(
                                    equal=real.saved == fake.saved and real.peak == fake.peak
                                    and real_static == fake_static))
                 c = checks[-1]
+                c["memtracker_peak"] = memtracker_peak(graph.model, graph.handler, p, 0, seq_len, micro_batch_size,
+                                                       graph.fake_mode)
+                tracked = "–" if c["memtracker_peak"] is None else f"{c['memtracker_peak']:,}"
                 print(f"  {method} p={p:g}: saved real {real.saved:,} / fake {fake.saved:,} B, peak real {real.peak:,} / "
-                      f"fake {fake.peak:,} B, weights real {c['real_weights']:,} / fake {c['fake_weights']:,} B"
-                      f" -> {'equal' if c['equal'] else 'DIFFERENT'}")
+                      f"fake {fake.peak:,} B / MemTracker {tracked} B, weights real "
+                      f"{c['real_weights']:,} / fake {c['fake_weights']:,} B -> {'equal' if c['equal'] else 'DIFFERENT'}")
         for m, p in validations:
             row = next(r for r in rows if r["method"] == m and r["drop_rate"] == p)
             graph = counters["lora" if m == "qlora" else m]
@@ -802,58 +837,30 @@ def main(
     setting = (f"{model_name} shape, random weights, {dtype_name}, seq {seq_len}, micro-batch {micro_batch_size}, "
                f"budget {memory_budget_gib:g} GiB, peak over {draws} DropBP draws, {kind}")
     table = render_table(rows, memory_budget_gib)
-    sections = [f"Machine: {machine}", f"Setting: {setting}",
-                f"Command: `{('python bench/memory.py ' + ' '.join(sys.argv[1:])).strip()}`", table]
-    if torch_device.type == "cpu":
-        notes += [
-            "Counted, not measured: weights (each storage once; QLoRA's base as 4-bit bytes), gradients (allocated, as "
-            "between micro-batches of gradient accumulation), AdamW states (2 per trainable parameter), and the tensors "
-            "one micro-batch creates, tracked op by op from allocation to release on fake CPU tensors. 'saved act.' is "
-            "what autograd saves for backward (saved_tensors_hooks, views deduplicated by storage); 'step peak' is the "
-            "maximum of all live step tensors, which adds the backward's transients (the loss's logits-sized "
-            "gradients above all) and the RoPE table.",
-            f"Peak over {draws} draws: systematic sampling drops a fixed number of branches, but which ones varies "
-            "(attention and MLP branches differ in size). The longest sequence must fit for every draw.",
-            "Left out: buffers inside kernels (matmul, SDPA workspaces), allocator rounding, caching and fragmentation "
-            "(CUDA reserves more than it allocates), CUDA context and libraries, the optimizer step's own temporaries "
-            "(they come after backward, when activations are gone), Python objects.",
-            f"DropBP drops the blocks' activations only. The loss saves an fp32 logits-sized tensor and its backward "
-            f"makes gradients of the same size ({config.padded_vocab_size:,} × 4 B = "
-            f"{config.padded_vocab_size * 4 / 1024:,.0f} KiB per token each), so with a large vocabulary on a small model the longest sequence grows far less than "
-            f"1/(1-p)."
-            + (f" Full fine-tuning's step peak stops falling at high p: the head is tied to the embedding, and at the "
-               f"end of backward the head's and the embedding's weight gradients and their sum "
-               f"({config.padded_vocab_size:,} × {config.n_embd} × {torch_dtype.itemsize} B = "
-               f"{config.padded_vocab_size * config.n_embd * torch_dtype.itemsize / MIB:,.0f} MiB each) exist together, "
-               f"whatever p and T." if config.tie_embeddings and "full" in methods else ""),
-            "QLoRA is counted on the LoRA graph with the base's bytes as bitsandbytes stores them in 4 bits; the "
-            "cross-check runs a real 4-bit model. The fake-tensor count uses CPU kernels (the meta device is not used: "
-            "its SDPA takes the math path and saves more).",
-        ]
-        if checks:
-            n_equal = sum(c["equal"] for c in checks)
-            sections.append(f"Cross-check, fake-tensor count vs a real CPU run (same draw): {n_equal} of {len(checks)} "
-                            "configurations give identical saved, peak and weight bytes." +
-                            "".join(f"\n- {c['method']} p={c['drop_rate']:g}: saved {c['real_saved']:,} vs "
-                                    f"{c['fake_saved']:,} B, step peak {c['real_peak']:,} vs {c['fake_peak']:,} B, weights "
-                                    f"{c['real_weights']:,} vs {c['fake_weights']:,} B" for c in checks))
-        if validation:
-            sections.append("Validation, measured peak RSS of a real training step in a fresh process (glibc with "
-                            "MALLOC_MMAP_THRESHOLD_=65536 so that RSS follows live tensors) over the RSS after model "
-                            "construction, against the counted gradients + AdamW states + step peak:" +
-                            "".join(f"\n- {v['method']} p={v['drop_rate']:g} (draw {v['draw']}): measured "
-                                    f"{v['measured_bytes'] / MIB:,.1f} MiB / counted {v['counted_bytes'] / MIB:,.1f} MiB "
-                                    f"= **{v['ratio']:.3f}**; gradients + AdamW {v['states_measured'] / MIB:,.1f} / "
-                                    f"{v['states_counted'] / MIB:,.1f} MiB; the counted micro-batch alone "
-                                    f"{v['step_measured'] / MIB:,.1f} / {v['step_counted'] / MIB:,.1f} MiB = "
-                                    f"{v['step_ratio']:.3f}" for v in validation))
-        if estimate_rows:
-            sections.append(f"Count-model estimate at paper scale (not a measurement): random-weight shapes on fake "
-                            f"tensors, bf16 weights, gradients and AdamW states (QLoRA: 4-bit base, fp32 states), "
-                            f"micro-batch 1, budget {estimate_budget_gib:g} GiB, CPU kernels' saved tensors, peak over "
-                            f"{draws} draws. The paper's numbers are from an A100 80 GB (DESIGN.md §7).\n\n"
-                            + render_estimates(estimate_rows, estimate_budget_gib))
-    sections.append("Notes:\n" + "\n".join(f"- {n}" for n in notes))
+    sections = [f"Machine: {machine}", f"Setting: {setting}", f"Command: `{command_line('memory')}`", table]
+    if checks:
+        tracked = [c for c in checks if c["memtracker_peak"] is not None]
+        sections.append(f"Cross-check, fake-tensor count vs a real CPU run (same draw): {sum(c['equal'] for c in checks)} "
+                        f"of {len(checks)} equal; step peak vs MemTracker's on the fake micro-batch: "
+                        f"{sum(c['fake_peak'] == c['memtracker_peak'] for c in tracked)} of {len(tracked)} equal." +
+                        "".join(f"\n- {c['method']} p={c['drop_rate']:g}: saved {c['real_saved']:,} vs "
+                                f"{c['fake_saved']:,} B, step peak {c['real_peak']:,} vs {c['fake_peak']:,} B "
+                                f"(MemTracker {'–' if c['memtracker_peak'] is None else format(c['memtracker_peak'], ',')}"
+                                f" B), weights {c['real_weights']:,} vs {c['fake_weights']:,} B" for c in checks))
+    if validation:
+        sections.append("Validation, measured ÷ counted (peak RSS of a real training step in a fresh process, "
+                        "MALLOC_MMAP_THRESHOLD_=65536):" +
+                        "".join(f"\n- {v['method']} p={v['drop_rate']:g} (draw {v['draw']}): measured "
+                                f"{v['measured_bytes'] / MIB:,.1f} MiB / counted {v['counted_bytes'] / MIB:,.1f} MiB "
+                                f"= **{v['ratio']:.3f}**; gradients + AdamW {v['states_measured'] / MIB:,.1f} / "
+                                f"{v['states_counted'] / MIB:,.1f} MiB; the counted micro-batch alone "
+                                f"{v['step_measured'] / MIB:,.1f} / {v['step_counted'] / MIB:,.1f} MiB = "
+                                f"{v['step_ratio']:.3f}" for v in validation))
+    if estimate_rows:
+        sections.append(f"Count-model estimate (bf16, micro-batch 1, budget {estimate_budget_gib:g} GiB, peak over "
+                        f"{draws} draws); paper: A100 80 GB.\n\n" + render_estimates(estimate_rows, estimate_budget_gib))
+    if notes:
+        sections.append("Notes:\n" + "\n".join(f"- {n}" for n in notes))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory.md").write_text("\n\n".join(sections) + "\n")

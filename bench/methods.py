@@ -5,14 +5,14 @@ SentencePiece tokenizer, "repeat the word" records), with the same seed, batches
 one training loop (`lit_gpt.training`). Only `--method` and its own flags change between rows:
 
 * FLOPs per step: one micro-batch of the last optimizer step, counted with FlopCounterMode ("measured") and
-  priced by `lit_gpt.methods.flops` for the decisions that micro-batch actually took ("theory"), times the
+  priced by `lit_gpt.flops` for the decisions that micro-batch actually took ("theory"), times the
   micro-batches per step; and the mean over the run of every step's price ("run mean"), which is what a
   stochastic method (DropBP, PLD) costs on average;
 * ms per step: median over the steps, the counted one left out (a short untimed run warms up first);
 * final validation loss on the held-out records.
 
-    python bench/methods.py                          # the tests' tiny shape (2 layers, n_embd 64, 32k vocab)
-    python bench/methods.py --shape wide --steps 40  # 8 layers of n_embd 256: the blocks weigh more than the head
+    python -m bench.methods                          # the tests' tiny shape (2 layers, n_embd 64, 32k vocab)
+    python -m bench.methods --shape wide --steps 40  # 8 layers of n_embd 256: the blocks weigh more than the head
 """
 
 from __future__ import annotations
@@ -21,18 +21,15 @@ import argparse
 import importlib.util
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
-
-from common import finetune_run, machine_description, markdown_table  # noqa: E402
-
-from lit_gpt import GPT, Config  # noqa: E402
-from lit_gpt.data import prepare_instruction_data  # noqa: E402
+from bench.common import command_line, dropbp_handler, finetune_run, machine_description, markdown_table
+from lit_gpt import Config
+from lit_gpt.build import random_model
+from lit_gpt.data import prepare_instruction_data
 
 SHAPES = {
     "tiny": dict(n_layer=2, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=128),  # tests/test_finetune.py
@@ -59,14 +56,11 @@ def make_checkpoint_and_data(root: Path, shape: str) -> tuple[Path, Path]:
     shutil.copy(Path(spec.origin).parent / "data" / "tokenizer.model.v1", checkpoint_dir / "tokenizer.model")
     config = Config(name=f"bench-{shape}", vocab_size=32000, block_size=96, **SHAPES[shape])
     config.save(checkpoint_dir)
-    torch.manual_seed(0)
-    model = GPT(config)
-    model.reset_parameters()
-    torch.save(model.state_dict(), checkpoint_dir / "lit_model.pth")
+    torch.save(random_model(config, seed=0).state_dict(), checkpoint_dir / "lit_model.pth")
     records = [{"instruction": f"Repeat the word {w} {n} times.", "input": "", "output": " ".join([w] * k)}
                for w in WORDS for n, k in (("two", 2), ("three", 3), ("four", 4)) for _ in range(2)]
     data_dir = root / "data"
-    prepare_instruction_data(lambda: records, checkpoint_dir, data_dir, source="bench/methods.py", test_size=8, seed=42,
+    prepare_instruction_data(lambda: records, checkpoint_dir, data_dir, source="bench.methods", test_size=8, seed=42,
                              mask_inputs=False, max_seq_length=None)
     return checkpoint_dir, data_dir
 
@@ -86,8 +80,8 @@ def run(kind: str, flags: list[str], checkpoint_dir: Path, data_dir: Path, out_d
         note = f"{int(method.selected.sum())}/{len(method.units)} tensors, {method.backward_fraction:.2f} of backward"
     elif method.name == "pld":
         note = f"θ(end) {method.theta:.3f}, kept {method.metrics()['pld_mean_kept_fraction']:.2f} of blocks"
-    elif method.name == "dropbp" and trainer.handler is not None:
-        note = f"mean realised drop {trainer.handler.mean_realised_drop_rate:.2f}"
+    elif dropbp_handler(trainer) is not None:
+        note = f"mean realised drop {dropbp_handler(trainer).mean_realised_drop_rate:.2f}"
     return {"measured": measured, "theory": theory, "run_mean": sum(trainer.step_flops) / len(trainer.step_flops),
             "ms": step_ms[len(step_ms) // 2], "val_loss": trainer.val_loss, "note": note}
 
@@ -115,7 +109,7 @@ def main() -> None:
     table = markdown_table(["fine-tuning", "method", "FLOPs/step measured", "FLOPs/step theory", "measured/theory",
                             "FLOPs/step run mean", "ms/step", "final val loss", "notes"], rows)
     header = (f"{args.shape} shape {SHAPES[args.shape]}, 32k vocab, {args.steps} steps of 4 samples, fp32; "
-              f"{machine_description(torch.device('cpu'))}")
+              f"{machine_description(torch.device('cpu'))}; `{command_line('methods')}`")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"methods_{args.shape}.md").write_text(f"{header}\n\n{table}\n")
     (args.out / f"methods_{args.shape}.json").write_text(json.dumps({"setting": header, "results": results}, indent=2))

@@ -23,16 +23,18 @@ Columns:
   p < 1, and the column "line to p = 1" shows how much it bends the line (a fifth of SmolLM2-135M's LoRA
   backward: its 49,152-token head is large against 30 narrow layers);
 * efficiency (FLOPs theory): the reduction divided by the FLOPs saving of the same decisions, priced over the
-  whole step (embedding, head and loss included) by `lit_gpt.methods.flops`.
+  whole step (embedding, head and loss included) by `lit_gpt.flops`.
 
-    python bench/step_time.py                                  # CPU, fp32, SmolLM2-135M shape, seq 256
-    python bench/step_time.py --device cuda --model_name Llama-2-7b-hf --seq_len 512 --micro_batch_size 2
+The model comes from the training loop's factory (`lit_gpt.build`) and every timed micro-batch runs through the
+loop's `lit_gpt.loss.forward_backward`, including its rule for skipping the backward.
+
+    python -m bench.step_time                                  # CPU, fp32, SmolLM2-135M shape, seq 256
+    python -m bench.step_time --device cuda --model_name Llama-2-7b-hf --seq_len 512 --micro_batch_size 2
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,19 +42,15 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
-
-from common import (default_dtype, machine_description, markdown_table, resolve_device, synchronize,  # noqa: E402
-                    write_results)
-
-from dropbp import DropBPHandler  # noqa: E402
-from lit_gpt.config import Config  # noqa: E402
-from lit_gpt.lora import LoRAConfig, add_lora  # noqa: E402
-from lit_gpt.flops import current_training_flops  # noqa: E402
-from lit_gpt.model import GPT  # noqa: E402
-from lit_gpt.utils import UserError, parse_dtype, run_cli  # noqa: E402
+from bench.common import (default_dtype, detached_handler, machine_description, markdown_table, resolve_device,
+                          synchronize, training_model, write_results)
+from dropbp import DropBPHandler
+from lit_gpt.config import Config
+from lit_gpt.flops import CostModel
+from lit_gpt.loss import forward_backward, next_token_loss
+from lit_gpt.model import GPT
+from lit_gpt.utils import UserError, parse_dtype, run_cli
 
 KINDS = ("full", "lora", "qlora")
 CANDIDATE_DRAWS = 64
@@ -71,23 +69,9 @@ class Setting:
     note: str = ""
 
 
-def build_model(config: Config, kind: str, device: torch.device, dtype: torch.dtype, seed: int) -> GPT:
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = GPT(config)
-    model.reset_parameters()
-    model.to(dtype)
-    if kind == "qlora":
-        from lit_gpt.quantize import quantize_linears
-
-        quantize_linears(model, "bnb.nf4", dtype, device)
-    if kind in ("lora", "qlora"):
-        add_lora(model, LoRAConfig())  # r = 8, alpha = 16 on every linear of the blocks, as in the paper
-    return model.train()
-
-
-def step_flops(model: GPT, seq_len: int) -> float:
-    return sum(current_training_flops(model, seq_len))
+def step_flops(cost: CostModel, seq_len: int) -> float:
+    """Forward + backward FLOPs of one sequence with the model's current decisions."""
+    return sum(cost.current(seq_len))
 
 
 def representative(draw: Callable[[int], None], price: Callable[[], float]) -> tuple[int, float]:
@@ -107,53 +91,45 @@ def clear_drops(handler: DropBPHandler) -> None:
     handler.draw()
 
 
-def dropbp_setting(model: GPT, handler: DropBPHandler, p: float, seq_len: int, keep_head_backward=False) -> Setting:
+def dropbp_setting(cost: CostModel, handler: DropBPHandler, p: float, seq_len: int,
+                   keep_head_backward=False) -> Setting:
+    """DropBP at uniform rate p, repeating its representative decision. `handler` has no forward hook
+    (`detached_handler`): the setting draws the decision itself, so every timed step runs the same one."""
     def draw(index: int) -> None:
         handler.set_initial_drop_rate(p)
-        handler.step = index
-        handler.draw()
+        handler.draw(step=index)
 
-    index, flops = representative(draw, lambda: step_flops(model, seq_len))
+    index, flops = representative(draw, lambda: step_flops(cost, seq_len))
     label = "DropBP 1− (head BW kept)" if keep_head_backward else f"DropBP {p:g}"
     draw(index)
     dropped = sum(handler.dropped)
     clear_drops(handler)
     if keep_head_backward:
         flops = None  # the cost model prices the loop's real p = 1 step, which skips the head's backward
-
-    def enter() -> None:
-        handler.set_initial_drop_rate(p)
-        handler.step = index  # the forward's pre-hook redraws this same decision
-
-    return Setting(label, p, enter, lambda: clear_drops(handler), keep_head_backward, flops,
+    return Setting(label, p, lambda: draw(index), lambda: clear_drops(handler), keep_head_backward, flops,
                    f"{dropped}/{len(handler.layers)} branches dropped")
 
 
-def pld_setting(model: GPT, theta_bar: float, seed: int, seq_len: int) -> Setting:
+def pld_setting(model: GPT, cost: CostModel, theta_bar: float, seed: int, seq_len: int) -> Setting:
+    """PLD held at its final keep level θ̄, repeating its representative decision."""
     from lit_gpt.methods.pld import ProgressiveLayerDrop
 
     pld = ProgressiveLayerDrop(model, theta_bar=theta_bar, gamma=0.0, seed=seed)
-    pld.theta = theta_bar
+    pld.remove()  # no forward hook: the setting draws the decision itself, and `remove` restores every block
+    pld.set_theta(theta_bar)
 
     def draw(index: int) -> None:
-        pld.draws = index
-        pld.draw()
+        pld.draw(step=index)
 
-    index, flops = representative(draw, lambda: step_flops(model, seq_len))
+    index, flops = representative(draw, lambda: step_flops(cost, seq_len))
     draw(index)
     kept = sum(b.keep for b in pld.blocks)
-    pld.remove()  # detached between its own steps, so other settings run every block
-
-    def enter() -> None:
-        nonlocal pld
-        pld = ProgressiveLayerDrop(model, theta_bar=theta_bar, gamma=0.0, seed=seed)
-        pld.theta, pld.draws = theta_bar, index
-
-    return Setting(f"PLD θ̄={theta_bar:g}", enter=enter, leave=lambda: pld.remove(), flops=flops,
+    pld.remove()  # other settings run every block
+    return Setting(f"PLD θ̄={theta_bar:g}", enter=lambda: draw(index), leave=pld.remove, flops=flops,
                    note=f"{kept}/{len(pld.blocks)} blocks kept")
 
 
-def greentrainer_setting(model: GPT, rho: float, ids: torch.Tensor, seq_len: int) -> Setting:
+def greentrainer_setting(model: GPT, cost: CostModel, rho: float, ids: torch.Tensor, seq_len: int) -> Setting:
     from lit_gpt.methods.greentrainer import GreenTrainer, normalise, tensor_importance
 
     gt = GreenTrainer(model, rho=rho, seq_len=seq_len)
@@ -161,13 +137,12 @@ def greentrainer_setting(model: GPT, rho: float, ids: torch.Tensor, seq_len: int
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
 
     def backward() -> None:
-        logits = model(ids[:, :-1])
-        F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+        next_token_loss(model(ids), ids).backward()  # the training loop's loss
 
     mask = gt.choose(normalise(tensor_importance([u.params for u in gt.units], backward, optimizer)).tolist())
     everything = [True] * len(gt.units)
     gt.apply(mask)
-    flops = step_flops(model, seq_len)
+    flops = step_flops(cost, seq_len)
     gt.apply(everything)
     return Setting(f"GreenTrainer ρ={rho:g}", enter=lambda: gt.apply(mask), leave=lambda: gt.apply(everything),
                    flops=flops, note=f"{int(mask.sum())}/{len(gt.units)} tensors trained")
@@ -186,43 +161,57 @@ def head_backward_kept(model: GPT, on: bool) -> Iterator[None]:
 
 def timed_step(model: GPT, handler: DropBPHandler, ids: torch.Tensor, device: torch.device,
                keep_head_backward: bool) -> tuple[float, float]:
-    """Seconds for the forward (with loss) and the backward of one micro-batch."""
+    """Seconds for the forward (with loss) and the backward of one micro-batch of `ids`.
+
+    The micro-batch is the training loop's (`lit_gpt.loss.forward_backward`), with its rule for skipping the
+    backward; the backward it calls is timed from its start, so the two halves split where the loop's do.
+    """
     model.zero_grad(set_to_none=True)
+    middle = None
+
+    def backward(loss: torch.Tensor) -> None:
+        nonlocal middle
+        synchronize(device)
+        middle = time.perf_counter()
+        loss.backward()
+
     with head_backward_kept(model, keep_head_backward):
         synchronize(device)
         start = time.perf_counter()
-        logits = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        forward_backward(model, ids, ids, backward=backward,
+                         skip_backward=lambda: not keep_head_backward and handler.detect_non_grad())
         synchronize(device)
-        middle = time.perf_counter()
-        if loss.requires_grad and (keep_head_backward or not handler.detect_non_grad()):  # as the training loop
-            loss.backward()
-        synchronize(device)
-    return middle - start, time.perf_counter() - middle
+        end = time.perf_counter()
+    if middle is None:  # the backward was skipped: the whole micro-batch was its forward
+        middle = end
+    return middle - start, end - middle
 
 
 def settings_for(model: GPT, handler: DropBPHandler, kind: str, ids: torch.Tensor, args: dict) -> list[Setting]:
+    """Every setting of the table; `handler` must be a `detached_handler` of `model`."""
     seq_len = args["seq_len"]
-    settings = [Setting("baseline", flops=step_flops(model, seq_len))]
-    settings += [dropbp_setting(model, handler, p, seq_len) for p in args["drop_rates"] if p > 0]
+    cost = CostModel(model)
+    settings = [Setting("baseline", flops=step_flops(cost, seq_len))]
+    settings += [dropbp_setting(cost, handler, p, seq_len) for p in args["drop_rates"] if p > 0]
     handler.set_initial_drop_rate(1.0)
     handler.draw()
     if 1.0 in args["drop_rates"] and handler.detect_non_grad():  # LoRA with a frozen head: p = 1 skips it too
-        settings.append(dropbp_setting(model, handler, 1.0, seq_len, keep_head_backward=True))
+        settings.append(dropbp_setting(cost, handler, 1.0, seq_len, keep_head_backward=True))
     clear_drops(handler)
     if args["pld_theta"] is not None:
-        settings.append(pld_setting(model, args["pld_theta"], args["seed"], seq_len))
+        settings.append(pld_setting(model, cost, args["pld_theta"], args["seed"], seq_len))
     if args["gt_rho"] is not None:
-        settings.append(greentrainer_setting(model, args["gt_rho"], ids, seq_len))
+        settings.append(greentrainer_setting(model, cost, args["gt_rho"], ids, seq_len))
     return settings
 
 
 def measure(kind: str, config: Config, device: torch.device, dtype: torch.dtype, args: dict) -> list[dict]:
     """Per-sample forward, backward and total ms of every setting, fastest of `steps` round-robin repeats."""
-    model = build_model(config, kind, device, dtype, args["seed"])
-    handler = DropBPHandler(model, seed=args["seed"])
+    model = training_model(config, kind, device, dtype, args["seed"])
+    handler = detached_handler(model, seed=args["seed"])
+    # seq_len + 1 tokens drawn as before the loop's loss was shared; the model reads the first seq_len of them
     ids = torch.randint(0, config.vocab_size, (args["micro_batch_size"], args["seq_len"] + 1), device=device,
-                        generator=torch.Generator(device=device).manual_seed(args["seed"]))
+                        generator=torch.Generator(device=device).manual_seed(args["seed"]))[:, :-1]
     settings = settings_for(model, handler, kind, ids, args)
     samples: dict[str, list[tuple[float, float]]] = {s.label: [] for s in settings}
     for repeat in range(args["warmup"] + args["steps"]):

@@ -1,20 +1,14 @@
-"""bench/convergence.py: the time-to-target arithmetic behind its speed-ups, and its flag checks.
+"""bench.convergence: the time-to-target arithmetic behind its speed-ups, and its flag checks.
 
 The runs themselves are the real-model fine-tuning that `tests/lit_gpt/test_finetune.py` already covers.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-import convergence  # noqa: E402
-
-from lit_gpt.utils import UserError  # noqa: E402
+from bench import convergence
+from lit_gpt.utils import UserError
 
 
 def history(points: list[tuple[float, float]]) -> list[dict]:

@@ -1,4 +1,4 @@
-"""bench/drop_rates.py end to end on a tiny random checkpoint, and its table on made-up runs.
+"""bench.drop_rates end to end on a tiny random checkpoint, and its table on made-up runs.
 
 The benchmark's numbers are not asserted (they belong to the real run); what is: the sensitivity runs are
 calibrated at 10 % of the steps to non-uniform rates whose FLOPs-weighted mean meets the target, the uniform
@@ -8,19 +8,14 @@ runs keep the target everywhere, the two runs of a learning rate start alike, an
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, add_sentencepiece_tokenizer, save_random_checkpoint
-
-sys.path.insert(0, str(ROOT / "bench"))
-
-import drop_rates  # noqa: E402
-
-from lit_gpt import Config  # noqa: E402
-from lit_gpt.utils import UserError  # noqa: E402
+from bench import drop_rates
+from conftest import add_sentencepiece_tokenizer, save_random_checkpoint
+from lit_gpt import Config
+from lit_gpt.utils import UserError
 
 TINY = dict(name="tiny", n_layer=4, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=128, vocab_size=32000,
             block_size=96)
@@ -75,11 +70,11 @@ def test_sensitivity_runs_are_calibrated_to_non_uniform_rates_meeting_the_target
 def test_outputs_are_written(bench_run):
     runs, out = bench_run
     report = (out / "drop_rates.md").read_text()
-    assert "Machine:" in report and "Command: `python bench/drop_rates.py" in report
+    assert "Machine:" in report and "Command: `python -m bench.drop_rates" in report
     assert drop_rates.table4(runs) in report
     saved = json.loads((out / "drop_rates.json").read_text())
     assert [r["final_val_loss"] for r in saved["runs"]] == [r["final_val_loss"] for r in runs]
-    for png in ("drop_rates.png", "val_loss.png"):
+    for png in ("drop_rates_lr0.01.png", "drop_rates_lr0.03.png", "val_loss.png"):  # one per calibrated run
         assert (out / png).stat().st_size > 10_000
 
 

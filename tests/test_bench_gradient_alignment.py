@@ -1,35 +1,25 @@
-"""bench/gradient_alignment.py: the comparison with exact gradients is exact where no branch above is dropped."""
+"""bench.gradient_alignment: the comparison with exact gradients is exact where no branch above is dropped."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-import gradient_alignment  # noqa: E402
-
-from dropbp import DropBPHandler  # noqa: E402
-from lit_gpt import GPT, Config  # noqa: E402
-from lit_gpt.lora import LoRAConfig, add_lora  # noqa: E402
-from lit_gpt.utils import UserError  # noqa: E402
+from bench import gradient_alignment
+from bench.common import detached_handler, training_model
+from lit_gpt import Config
+from lit_gpt.utils import UserError
 
 
 def test_last_mlp_gets_the_exact_gradient_and_lower_branches_a_biased_one(one_thread):
-    torch.manual_seed(0)
-    model = GPT(Config(n_layer=4, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=128, vocab_size=101,
-                       padded_vocab_size=101, block_size=32))
-    model.reset_parameters()
-    add_lora(model, LoRAConfig())
+    model = training_model(Config(n_layer=4, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=128,
+                                  vocab_size=101, padded_vocab_size=101, block_size=32), "lora", seed=0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
                 p.normal_(0.0, 0.05)
     model.train()
-    handler = DropBPHandler(model, seed=0)
+    handler = detached_handler(model, seed=0)
     ids = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
     rows = gradient_alignment.measure(model, handler, ids, ids.clone(), drop_rates=[0.5], draws=6)
     by_branch = {(r["layer"], r["branch"]): r for r in rows if isinstance(r["layer"], int)}

@@ -1,4 +1,4 @@
-"""bench/memory.py: the memory count on tiny models, its agreement with real CPU runs, the longest-sequence solve,
+"""bench.memory: the memory count on tiny models, its agreement with real CPU runs, the longest-sequence solve,
 the output files, and its flag checks.
 
 The benchmark's own numbers (SmolLM2-135M shape, LLaMA-2 estimates) belong to its committed run, not to these tests.
@@ -10,19 +10,14 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-
-import memory  # noqa: E402
-
-from lit_gpt.config import Config  # noqa: E402
-from lit_gpt.utils import UserError  # noqa: E402
-from tests.conftest import assert_one_line_error  # noqa: E402
+from bench import memory
+from lit_gpt.config import Config
+from lit_gpt.utils import UserError
+from tests.conftest import ROOT, assert_one_line_error
 
 # in_features are multiples of 64, bitsandbytes' 4-bit block size, for the QLoRA check.
 TINY = Config(n_layer=2, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=128, vocab_size=101, block_size=128)
@@ -169,7 +164,7 @@ def test_main_writes_its_tables_and_plots(tmp_path, monkeypatch):
         assert rows[method, 0.875]["longest_ratio"] > 1
     assert result["cross_checks"] and all(c["equal"] for c in result["cross_checks"])
     text = (out / "memory.md").read_text()
-    assert "Machine:" in text and "Command: `python bench/memory.py" in text and "| full | 0.875 |" in text
+    assert "Machine:" in text and "Command: `python -m bench.memory" in text and "| full | 0.875 |" in text
     assert json.loads((out / "memory.json").read_text())["rows"][0]["method"] == "full"
     assert (out / "memory_breakdown.png").stat().st_size > 0 and (out / "memory_longest.png").stat().st_size > 0
 
@@ -190,6 +185,6 @@ def test_bad_arguments_raise_user_errors(kwargs, fragment, tmp_path):
 
 
 def test_a_bad_flag_is_a_one_line_error():
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--methods", "[full, bogus]"],
+    result = subprocess.run([sys.executable, "-m", "bench.memory", "--methods", "[full, bogus]"],
                             check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert_one_line_error(result, "unknown method 'bogus'")

@@ -1,23 +1,17 @@
-"""bench/step_time.py: its settings switch methods on and off cleanly, and its efficiency arithmetic is right.
+"""bench.step_time: its settings switch methods on and off cleanly, and its efficiency arithmetic is right.
 
 Timings themselves are not asserted (they belong to the benchmark, not to tests on a shared machine).
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-import step_time  # noqa: E402
-
-from dropbp import DropBPHandler  # noqa: E402
-from lit_gpt.config import Config  # noqa: E402
-from lit_gpt.utils import UserError  # noqa: E402
+from bench import step_time
+from bench.common import detached_handler, training_model
+from lit_gpt.config import Config
+from lit_gpt.utils import UserError
 
 TINY = Config(name="tiny", n_layer=4, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=128, vocab_size=101,
               padded_vocab_size=101, block_size=32, tie_embeddings=True)  # tied like SmolLM2: LoRA leaves the head frozen
@@ -26,8 +20,8 @@ ARGS = dict(drop_rates=[0.5, 0.875, 1.0], pld_theta=0.5, gt_rho=0.7, seq_len=16,
 
 
 def tiny_settings(kind: str):
-    model = step_time.build_model(TINY, kind, torch.device("cpu"), torch.float32, seed=0)
-    handler = DropBPHandler(model, seed=0)
+    model = training_model(TINY, kind, torch.device("cpu"), torch.float32, seed=0)
+    handler = detached_handler(model, seed=0)
     ids = torch.randint(0, TINY.vocab_size, (2, ARGS["seq_len"] + 1), generator=torch.Generator().manual_seed(0))
     return model, handler, ids, step_time.settings_for(model, handler, kind, ids, ARGS)
 
