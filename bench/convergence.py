@@ -26,8 +26,17 @@ import math
 import shutil
 from pathlib import Path
 
-from bench.common import (drop_rate_history, dropbp_handler, finetune_run, machine_description, markdown_table,
-                          resolve_device, smollm2_checkpoint, wordnet_data, write_results)
+from bench.common import (
+    drop_rate_history,
+    dropbp_handler,
+    finetune_run,
+    machine_description,
+    markdown_table,
+    resolve_device,
+    smollm2_checkpoint,
+    wordnet_data,
+    write_results,
+)
 from lit_gpt.utils import UserError, run_cli
 
 REAL_MODEL = "SmolLM2-135M-Instruct"

@@ -30,8 +30,17 @@ import shutil
 import time
 from pathlib import Path
 
-from bench.common import (command_line, drop_rate_history, dropbp_handler, finetune_run, machine_description, markdown_table,
-                          resolve_device, smollm2_checkpoint, wordnet_data)
+from bench.common import (
+    command_line,
+    drop_rate_history,
+    dropbp_handler,
+    finetune_run,
+    machine_description,
+    markdown_table,
+    resolve_device,
+    smollm2_checkpoint,
+    wordnet_data,
+)
 from dropbp.allocation import dropped_fraction
 from lit_gpt.utils import UserError, run_cli
 

@@ -21,8 +21,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import (detached_handler, machine_description, markdown_table, resolve_device, smollm2_checkpoint,
-                          wordnet_data, write_results)
+from bench.common import (
+    detached_handler,
+    machine_description,
+    markdown_table,
+    resolve_device,
+    smollm2_checkpoint,
+    wordnet_data,
+    write_results,
+)
 from dropbp import DropBPHandler
 from lit_gpt.build import prepare_for_finetuning
 from lit_gpt.checkpoint import load_model

@@ -54,16 +54,23 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from bench.common import (command_line, default_dtype, detached_handler, machine_description, markdown_table,
-                          resolve_device, training_model)
+from bench.common import (
+    command_line,
+    default_dtype,
+    detached_handler,
+    machine_description,
+    markdown_table,
+    resolve_device,
+    training_model,
+)
 from dropbp import DropBPHandler
 from lit_gpt.build import prepare_for_finetuning
 from lit_gpt.config import Config

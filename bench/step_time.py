@@ -36,15 +36,23 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
-from bench.common import (default_dtype, detached_handler, machine_description, markdown_table, resolve_device,
-                          synchronize, training_model, write_results)
+from bench.common import (
+    default_dtype,
+    detached_handler,
+    machine_description,
+    markdown_table,
+    resolve_device,
+    synchronize,
+    training_model,
+    write_results,
+)
 from dropbp import DropBPHandler
 from lit_gpt.config import Config
 from lit_gpt.flops import CostModel

@@ -39,7 +39,7 @@ def test_runs_pair_uniform_and_sensitivity_per_learning_rate(bench_run):
     runs, _ = bench_run
     assert [(r["learning_rate"], r["allocation"]) for r in runs] == [
         (1e-2, "uniform"), (1e-2, "sensitivity"), (3e-2, "uniform"), (3e-2, "sensitivity")]
-    for lr, uniform, sensitivity in drop_rates.pairs(runs):
+    for _lr, uniform, sensitivity in drop_rates.pairs(runs):
         # Same seed, data and schedule: identical until the calibration (step 1), different after it.
         assert uniform["val_history"][0] == sensitivity["val_history"][0]
         assert [h["step"] for h in uniform["val_history"]] == [0, 5, 10]
