@@ -34,7 +34,8 @@ def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
     else:
-        hardware = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
+        hardware = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+                    f"{torch.get_num_threads()} threads")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"{hardware}; torch {torch.__version__}; {stamp}"
 
@@ -78,13 +79,14 @@ def smollm2_checkpoint(work_dir: Path) -> Path:
 
 
 def wordnet_data(checkpoint_dir: Path, work_dir: Path, max_samples: int, test_size: int, seed: int = 42) -> Path:
-    """`scripts/prepare_wordnet.py` data for `checkpoint_dir`'s tokenizer, cached in `work_dir` per model, size and seed.
+    """`scripts/prepare_wordnet.py` data for `checkpoint_dir`'s tokenizer, cached in `work_dir` by model, size, seed.
 
     The script's `prepare` (a seeded sample of `lit_gpt.data.read_wordnet`'s records, handed to
     `lit_gpt.data.prepare_instruction_data`) is loaded from its file, so that the sample is drawn by the one copy
     of that code: `scripts/` is a folder of command-line tools, not a package.
     """
-    data_dir = Path(work_dir) / "data" / f"wordnet-{Path(checkpoint_dir).name}-{max_samples}-{test_size}-{seed}"  # per tokenizer
+    # one folder per tokenizer
+    data_dir = Path(work_dir) / "data" / f"wordnet-{Path(checkpoint_dir).name}-{max_samples}-{test_size}-{seed}"
     if not (data_dir / "test.pt").is_file():
         import importlib.util
 
@@ -159,6 +161,7 @@ def write_results(out: Path, name: str, machine: str, setting: str, table: str, 
     out.mkdir(parents=True, exist_ok=True)
     command = command_line(name)
     (out / f"{name}.md").write_text(f"Machine: {machine}\n\nSetting: {setting}\n\nCommand: `{command}`\n\n{table}\n")
-    (out / f"{name}.json").write_text(json.dumps(dict(machine=machine, setting=setting, command=command, **data), indent=2))
+    record = dict(machine=machine, setting=setting, command=command, **data)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
     print(f"\nMachine: {machine}\nSetting: {setting}\n\n{table}\n\nwrote {out}/{name}.md, .json, .png")
     return out

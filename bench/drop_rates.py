@@ -55,7 +55,8 @@ def summarise_run(trainer, learning_rate: float, allocation: str, wall_seconds: 
     return {
         "learning_rate": learning_rate,
         "allocation": allocation,
-        "val_history": [{k: h[k] for k in ("step", "val_loss", "train_seconds", "train_flops")} for h in trainer.val_history],
+        "val_history": [{k: h[k] for k in ("step", "val_loss", "train_seconds", "train_flops")}
+                        for h in trainer.val_history],
         "final_val_loss": trainer.val_history[-1]["val_loss"],
         "calibration_step": final["step"] if calibrated else None,
         "metric": final["metric"],
@@ -64,7 +65,8 @@ def summarise_run(trainer, learning_rate: float, allocation: str, wall_seconds: 
         "drop_rates": final["drop_rates"],
         "sensitivities": final["sensitivities"],
         "backward_flops": final["backward_flops"],
-        "allocated_drop_rate": dropped_fraction(final["drop_rates"], final["backward_flops"]),  # what the target constrains
+        # what the target constrains
+        "allocated_drop_rate": dropped_fraction(final["drop_rates"], final["backward_flops"]),
         "realised_drop_rate": dropbp_handler(trainer).mean_realised_drop_rate,
         "allocation_entry": final,  # the run's last allocation, as the training loop records and plots it
         "train_seconds": trainer.train_seconds,
@@ -97,7 +99,8 @@ def detail_table(runs: list[dict]) -> str:
     """Every run: validation loss at each evaluation, the rates it trained with, its cost."""
     steps = sorted({h["step"] for r in runs for h in r["val_history"]})
     headers = (["lr", "allocation"] + [f"val @ {s}" for s in steps] +
-               ["Δ final vs uniform", "allocated p (FLOPs-weighted)", "p range", "realised p", "train s", "train TFLOPs"])
+               ["Δ final vs uniform", "allocated p (FLOPs-weighted)", "p range", "realised p", "train s",
+                "train TFLOPs"])
     uniform = {lr: u for lr, u, _ in pairs(runs)}
     rows = []
     for r in runs:
@@ -123,7 +126,8 @@ def allocation_notes(runs: list[dict]) -> list[str]:
         ranked = sorted(range(len(rates)), key=lambda i: -r["sensitivities"][i])[:3]
         top = ", ".join(f"{'attn' if i % 2 == 0 else 'MLP'} {i // 2}" for i in ranked)
         notes.append(f"lr {r['learning_rate']:g}: calibrated at step {r['calibration_step']} ({r['metric']}, "
-                     f"{r['calibration_seconds']:.0f} s); {rates.count(common)} of {len(rates)} branches at {common:g}, "
+                     f"{r['calibration_seconds']:.0f} s); "
+                     f"{rates.count(common)} of {len(rates)} branches at {common:g}, "
                      f"spared: {', '.join(spared) or 'none'}; most sensitive: {top}")
     return notes
 
@@ -147,7 +151,8 @@ def plot_val_loss(runs: list[dict], path: Path, title: str) -> None:
     lrs = pairs(runs)
     fig, axes = plt.subplots(1, len(lrs), figsize=(5.2 * len(lrs), 4.0), squeeze=False)
     for ax, (lr, uniform, sensitivity) in zip(axes[0], lrs):
-        for r, style in ((uniform, dict(color="tab:gray", marker="o")), (sensitivity, dict(color="tab:red", marker="s"))):
+        for r, style in ((uniform, dict(color="tab:gray", marker="o")),
+                         (sensitivity, dict(color="tab:red", marker="s"))):
             if r is None:
                 continue
             steps = [h["step"] for h in r["val_history"]]
@@ -266,8 +271,8 @@ def main(
     setting = (f"{checkpoint_dir.name} with LoRA (r 8, α 16, every linear), {precision}, WordNet definitions "
                f"({n_train} train / {test_size} validation samples, ≤ {max_seq_length} tokens, loss on every token), "
                f"{steps} steps of {global_batch_size} samples (micro-batch {micro_batch_size}), cosine schedule with "
-               f"{warmup} warmup step{'s' if warmup > 1 else ''}, target drop rate {drop_rate:g}, {allocator} allocator, "
-               f"seed {seed}; "
+               f"{warmup} warmup step{'s' if warmup > 1 else ''}, target drop rate {drop_rate:g}, "
+               f"{allocator} allocator, seed {seed}; "
                f"sensitivity runs calibrate before step {int(0.1 * steps)} on {micro_batch_size} training samples")
     command = rerun_command(main, arguments)
     main_table, details, notes = table4(runs), detail_table(runs), allocation_notes(runs)

@@ -69,17 +69,20 @@ def measure(model, handler, input_ids, labels, drop_rates: list[float], draws: i
                 if was_dropped or g is None:
                     continue
                 key = (index // 2, "attention" if index % 2 == 0 else "MLP")
-                samples.setdefault(key, []).append((F.cosine_similarity(g, e, dim=0).item(), (g.norm() / e.norm()).item()))
+                cosine = F.cosine_similarity(g, e, dim=0).item()
+                samples.setdefault(key, []).append((cosine, (g.norm() / e.norm()).item()))
         for (layer, kind), values in sorted(samples.items()):
             rows.append(dict(drop_rate=p, layer=layer, branch=kind, kept_draws=len(values),
-                             cosine=statistics.fmean(c for c, _ in values), norm_ratio=statistics.fmean(r for _, r in values)))
+                             cosine=statistics.fmean(c for c, _ in values),
+                             norm_ratio=statistics.fmean(r for _, r in values)))
         thirds = [("first third", range(0, n_layer // 3)), ("middle third", range(n_layer // 3, 2 * n_layer // 3)),
                   ("last third", range(2 * n_layer // 3, n_layer))]
         for name, span in thirds:
-            cos = [r["cosine"] for r in rows if r["drop_rate"] == p and r["layer"] in span and isinstance(r["layer"], int)]
+            cos = [r["cosine"] for r in rows
+                   if r["drop_rate"] == p and r["layer"] in span and isinstance(r["layer"], int)]
             if cos:
-                rows.append(dict(drop_rate=p, layer=name, branch="both", branches=len(cos), cosine=statistics.fmean(cos),
-                                 norm_ratio=None))
+                rows.append(dict(drop_rate=p, layer=name, branch="both", branches=len(cos),
+                                 cosine=statistics.fmean(cos), norm_ratio=None))
     return rows
 
 
@@ -161,10 +164,11 @@ def main(
     table = markdown_table(["drop rate", "layers", "branches kept in some draw", "mean cosine to the exact gradient"],
                            [[r["drop_rate"], r["layer"], r["branches"], f"{r['cosine']:.2f}"] for r in summary])
     machine = machine_description(torch_device)
-    setting = (f"{Path(checkpoint_dir).name}, LoRA r=8 α=16 (B ~ N(0, {lora_b_std:g})), {batch_size} WordNet samples of "
-               f"≤ {max_seq_length} tokens, {draws} draws per rate, fp32")
+    setting = (f"{Path(checkpoint_dir).name}, LoRA r=8 α=16 (B ~ N(0, {lora_b_std:g})), "
+               f"{batch_size} WordNet samples of ≤ {max_seq_length} tokens, {draws} draws per rate, fp32")
     write_results(out, "gradient_alignment", machine, setting, table, {"rows": rows})
-    plot([r for r in rows if isinstance(r["layer"], int)], Path(out) / "gradient_alignment.png", f"{setting}\n{machine}")
+    layer_rows = [r for r in rows if isinstance(r["layer"], int)]
+    plot(layer_rows, Path(out) / "gradient_alignment.png", f"{setting}\n{machine}")
     return rows
 
 

@@ -38,7 +38,7 @@ The model comes from the training loop's factory (`lit_gpt.build`; on fake tenso
 and the loss is the loop's (`lit_gpt.loss`). What the numbers show, and how they were validated, is in
 bench/README.md; memory.md holds the tables and the numbers of the checks.
 
-    python -m bench.memory                                       # CPU count, SmolLM2-135M shape, fp32, + LLaMA-2-7B estimate
+    python -m bench.memory                                       # CPU count, SmolLM2-135M, fp32, + LLaMA-2-7B estimate
     python -m bench.memory --estimates '[Llama-2-70b-hf:qlora]'  # the paper's 70B QLoRA row (count-model estimate)
     python -m bench.memory --device cuda --model_name Llama-2-7b-hf --methods '[full]' --memory_budget_gib 80
 """
@@ -451,8 +451,9 @@ def validate(config: Config, method: str, p: float, draw_index: int, dtype: torc
     runs with MALLOC_MMAP_THRESHOLD_=65536: every block of 64 KiB or more is mapped on allocation and unmapped
     when freed, and RSS follows the live tensors.
     """
-    spec = json.dumps(dict(config=config.__dict__, method=method, p=p, draw=draw_index, dtype=str(dtype).removeprefix("torch."),
-                           seed=seed, quantize=quantize, batch=batch, seq_len=seq_len, threads=torch.get_num_threads()))
+    spec = json.dumps(dict(config=config.__dict__, method=method, p=p, draw=draw_index,
+                           dtype=str(dtype).removeprefix("torch."), seed=seed, quantize=quantize, batch=batch,
+                           seq_len=seq_len, threads=torch.get_num_threads()))
     code = f"from bench.memory import rss_probe; rss_probe({spec!r})"  # run from the repository root
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env,
@@ -608,8 +609,9 @@ def plot_breakdown(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parts = [("weights", "weights", "#4c72b0"), ("grads", "gradients", "#55a868"), ("optimizer", "AdamW states", "#c44e52"),
-             ("saved", "saved activations", "#8172b2"), ("transient", "other live tensors at the peak", "#ccb974")]
+    parts = [("weights", "weights", "#4c72b0"), ("grads", "gradients", "#55a868"),
+             ("optimizer", "AdamW states", "#c44e52"), ("saved", "saved activations", "#8172b2"),
+             ("transient", "other live tensors at the peak", "#ccb974")]
     labels = [f"{r['method']}\np={r['drop_rate']:g}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.62 * len(rows) + 1.5), 4.6))
     bottom = [0.0] * len(rows)
@@ -641,7 +643,8 @@ def plot_longest(rows: list[dict], estimates: list[dict], path: Path, title: str
     for group, estimate in ((rows, False), (estimates, True)):
         for name in dict.fromkeys((r.get("model"), r["method"]) for r in group):
             style = markers[name[1]] + ("--" if estimate else lines[name[1]])
-            points = sorted((r["drop_rate"], r.get("longest_ratio")) for r in group if (r.get("model"), r["method"]) == name)
+            points = sorted((r["drop_rate"], r.get("longest_ratio")) for r in group
+                            if (r.get("model"), r["method"]) == name)
             points = [(p, v) for p, v in points if v is not None and not math.isnan(v)]
             label = f"{name[0]} {name[1]} (count estimate)" if name[0] else f"{name[1]}"
             ax.plot([p for p, _ in points], [v for _, v in points], style, label=label)
@@ -669,13 +672,15 @@ def parse_pairs(values: list[str], sep: str, what: str) -> list[tuple[str, str]]
     for value in values:
         left, found, right = value.rpartition(sep)
         if not found or not left or not right:
-            raise UserError(f"{what} entries look like {'full@0.875' if sep == '@' else 'Llama-2-7b-hf:full'}, got {value!r}")
+            example = "full@0.875" if sep == "@" else "Llama-2-7b-hf:full"
+            raise UserError(f"{what} entries look like {example}, got {value!r}")
         pairs.append((left, right))
     return pairs
 
 
 def count_rows(config: Config, methods: list[str], drop_rates: list[float], draws: int, dtype: torch.dtype, seed: int,
-               quantize: str, batch: int, seq_len: int, budget: int, log=print) -> tuple[list[dict], dict[str, Counter]]:
+               quantize: str, batch: int, seq_len: int, budget: int,
+               log=print) -> tuple[list[dict], dict[str, Counter]]:
     """Count every configuration on fake tensors: peak at seq_len (max over draws) and the longest sequence."""
     counters: dict[str, Counter] = {}
     rows = []
@@ -692,7 +697,8 @@ def count_rows(config: Config, methods: list[str], drop_rates: list[float], draw
             longest = counter.longest(p, indices, sum(static.values()), budget, seq_len)
             rows.append(dict(method=method, drop_rate=p, **static, saved=max(c.saved for c in counts),
                              step_peak=counts[worst].peak, peak=sum(static.values()) + counts[worst].peak,
-                             worst_draw=indices[worst], draws=len(indices), best_draw_step_peak=min(c.peak for c in counts),
+                             worst_draw=indices[worst], draws=len(indices),
+                             best_draw_step_peak=min(c.peak for c in counts),
                              longest=longest["longest"],
                              longest_binding_draw=longest["binding_draw"], longest_solved=longest["solved"]))
             log(f"  {method} p={p:g}: peak {rows[-1]['peak'] / MIB:,.1f} MiB, longest {longest['longest']:,} "
@@ -779,7 +785,8 @@ def main(
 
     if torch_device.type == "cuda":
         if "qlora" in methods and not has_bitsandbytes():
-            raise UserError("qlora needs bitsandbytes: pip install bitsandbytes (the `quant` extra), or leave qlora out")
+            raise UserError("qlora needs bitsandbytes: pip install bitsandbytes (the `quant` extra), "
+                            "or leave qlora out")
         rows = []
         for method in methods:
             rows += cuda_measure(config, method, drop_rates, draws, torch_dtype, torch_device, seed, quantize,
@@ -814,9 +821,11 @@ def main(
                 c["memtracker_peak"] = memtracker_peak(graph.model, graph.handler, p, 0, seq_len, micro_batch_size,
                                                        graph.fake_mode)
                 tracked = "–" if c["memtracker_peak"] is None else f"{c['memtracker_peak']:,}"
-                print(f"  {method} p={p:g}: saved real {real.saved:,} / fake {fake.saved:,} B, peak real {real.peak:,} / "
+                print(f"  {method} p={p:g}: saved real {real.saved:,} / fake {fake.saved:,} B, "
+                      f"peak real {real.peak:,} / "
                       f"fake {fake.peak:,} B / MemTracker {tracked} B, weights real "
-                      f"{c['real_weights']:,} / fake {c['fake_weights']:,} B -> {'equal' if c['equal'] else 'DIFFERENT'}")
+                      f"{c['real_weights']:,} / fake {c['fake_weights']:,} B -> "
+                      f"{'equal' if c['equal'] else 'DIFFERENT'}")
         for m, p in validations:
             row = next(r for r in rows if r["method"] == m and r["drop_rate"] == p)
             graph = counters["lora" if m == "qlora" else m]
@@ -847,12 +856,14 @@ def main(
     sections = [f"Machine: {machine}", f"Setting: {setting}", f"Command: `{command_line('memory')}`", table]
     if checks:
         tracked = [c for c in checks if c["memtracker_peak"] is not None]
-        sections.append(f"Cross-check, fake-tensor count vs a real CPU run (same draw): {sum(c['equal'] for c in checks)} "
+        sections.append(f"Cross-check, fake-tensor count vs a real CPU run (same draw): "
+                        f"{sum(c['equal'] for c in checks)} "
                         f"of {len(checks)} equal; step peak vs MemTracker's on the fake micro-batch: "
                         f"{sum(c['fake_peak'] == c['memtracker_peak'] for c in tracked)} of {len(tracked)} equal." +
                         "".join(f"\n- {c['method']} p={c['drop_rate']:g}: saved {c['real_saved']:,} vs "
                                 f"{c['fake_saved']:,} B, step peak {c['real_peak']:,} vs {c['fake_peak']:,} B "
-                                f"(MemTracker {'–' if c['memtracker_peak'] is None else format(c['memtracker_peak'], ',')}"
+                                f"(MemTracker "
+                                f"{'–' if c['memtracker_peak'] is None else format(c['memtracker_peak'], ',')}"
                                 f" B), weights {c['real_weights']:,} vs {c['fake_weights']:,} B" for c in checks))
     if validation:
         sections.append("Validation, measured ÷ counted (peak RSS of a real training step in a fresh process, "
@@ -865,7 +876,8 @@ def main(
                                 f"{v['step_ratio']:.3f}" for v in validation))
     if estimate_rows:
         sections.append(f"Count-model estimate (bf16, micro-batch 1, budget {estimate_budget_gib:g} GiB, peak over "
-                        f"{draws} draws); paper: A100 80 GB.\n\n" + render_estimates(estimate_rows, estimate_budget_gib))
+                        f"{draws} draws); paper: A100 80 GB.\n\n"
+                        + render_estimates(estimate_rows, estimate_budget_gib))
     if notes:
         sections.append("Notes:\n" + "\n".join(f"- {n}" for n in notes))
     out = Path(out)

@@ -104,7 +104,8 @@ def main() -> None:
                 print(f"--- {kind} {label}", flush=True)
                 result = run(kind, flags, checkpoint_dir, data_dir, Path(tmp) / f"{kind}-{len(results)}", args.steps)
                 results.append({"finetuning": kind, "method": label, **result})
-    rows = [[r["finetuning"], r["method"], f"{r['measured']:.3g}", f"{r['theory']:.3g}", f"{r['measured'] / r['theory']:.3f}",
+    rows = [[r["finetuning"], r["method"], f"{r['measured']:.3g}", f"{r['theory']:.3g}",
+             f"{r['measured'] / r['theory']:.3f}",
              f"{r['run_mean']:.3g}", f"{r['ms']:.1f}", f"{r['val_loss']:.3f}", r["note"]] for r in results]
     table = markdown_table(["fine-tuning", "method", "FLOPs/step measured", "FLOPs/step theory", "measured/theory",
                             "FLOPs/step run mean", "ms/step", "final val loss", "notes"], rows)

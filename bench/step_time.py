@@ -259,9 +259,11 @@ def add_efficiencies(rows: list[dict]) -> list[dict]:
             p = row["drop_rate"]
             if row["setting"].startswith("DropBP") and 0 < p < 1 and not row["head_backward_kept"]:
                 if limit is not None:
-                    row["straight_line_efficiency"] = (base["total_ms"] - row["total_ms"]) / (p * (base["total_ms"] - limit))
+                    row["straight_line_efficiency"] = ((base["total_ms"] - row["total_ms"])
+                                                       / (p * (base["total_ms"] - limit)))
                 if 1.0 in dropbp:
-                    row["line_to_1_efficiency"] = (base["total_ms"] - row["total_ms"]) / (p * (base["total_ms"] - dropbp[1.0]))
+                    row["line_to_1_efficiency"] = ((base["total_ms"] - row["total_ms"])
+                                                   / (p * (base["total_ms"] - dropbp[1.0])))
     return rows
 
 
@@ -297,7 +299,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.bar(x, forward, color="#9ecae1", label="forward")
         ax.bar(x, [r["backward_ms"] for r in group], bottom=forward, color="#3182bd", label="backward")
         base = group[0]
-        theory = [base["total_ms"] * r["flops"] / base["flops"] if r["flops"] and base["flops"] else None for r in group]
+        theory = [base["total_ms"] * r["flops"] / base["flops"] if r["flops"] and base["flops"] else None
+                  for r in group]
         ax.plot([i for i, t in zip(x, theory) if t], [t for t in theory if t], "k_", markersize=18, mew=2,
                 label="FLOPs theory")
         ax.set_xticks(list(x), [r["setting"].replace("DropBP 1− (head BW kept)", "DropBP 1−") for r in group],

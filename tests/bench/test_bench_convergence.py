@@ -24,7 +24,8 @@ def test_time_to_reach_interpolates_between_validations():
     assert convergence.time_to_reach(curve, 2.5, "train_flops") == pytest.approx(150.0)
     assert convergence.time_to_reach(curve, 1.9, "train_seconds") is None
     # A curve that dips below the target and comes back counts from the first crossing.
-    assert convergence.time_to_reach(history([(0, 4.0), (5, 1.0), (9, 3.0)]), 2.0, "train_seconds") == pytest.approx(10 / 3)
+    dipping = history([(0, 4.0), (5, 1.0), (9, 3.0)])
+    assert convergence.time_to_reach(dipping, 2.0, "train_seconds") == pytest.approx(10 / 3)
 
 
 def test_speedups_are_against_the_baselines_final_loss():

@@ -83,7 +83,8 @@ def test_fake_tensor_count_equals_a_real_cpu_run(method, p):
     model, real = real_count(TINY, method, p, draw=1)
     fake = fake_counter(TINY, method)
     counted = fake.count(p, 1, 32)
-    assert (counted.saved, counted.peak, counted.timeline, counted.ops) == (real.saved, real.peak, real.timeline, real.ops)
+    assert ((counted.saved, counted.peak, counted.timeline, counted.ops)
+            == (real.saved, real.peak, real.timeline, real.ops))
     assert fake.static == memory.static_bytes(model, method, "bnb.nf4")
 
 
