@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from bench import memory
+from conftest import ROOT, assert_one_line_error
 from lit_gpt.config import Config
 from lit_gpt.utils import UserError
-from tests.conftest import ROOT, assert_one_line_error
 
 # in_features are multiples of 64, bitsandbytes' 4-bit block size, for the QLoRA check.
 TINY = Config(n_layer=2, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=128, vocab_size=101, block_size=128)
