@@ -140,7 +140,7 @@ def test_truncated_lit_model(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     result = run_script("convert_lit_checkpoint.py", "--checkpoint_dir", str(folder),
                         "--output_dir", str(tmp_path / "o"))
-    assert_one_line_error(result, "truncated or corrupt")
+    assert_one_line_error(result, "lit_model.pth", "truncated, corrupt", "convert or download it again")
 
 
 def test_download_without_network_says_the_hub_is_unreachable(tmp_path):
