@@ -78,15 +78,18 @@ def smollm2_checkpoint(work_dir: Path) -> Path:
     return checkpoint_dir
 
 
-def wordnet_data(checkpoint_dir: Path, work_dir: Path, max_samples: int, test_size: int, seed: int = 42) -> Path:
-    """`scripts/prepare_wordnet.py` data for `checkpoint_dir`'s tokenizer, cached in `work_dir` by model, size, seed.
+def wordnet_data(checkpoint_dir: Path, work_dir: Path, max_samples: int, test_size: int, seed: int = 42,
+                 mask_inputs: bool = False) -> Path:
+    """`scripts/prepare_wordnet.py` data for `checkpoint_dir`'s tokenizer, cached in `work_dir` by model, size, seed
+    and whether the prompt is masked out of the loss (`mask_inputs`).
 
     The script's `prepare` (a seeded sample of `lit_gpt.data.read_wordnet`'s records, handed to
     `lit_gpt.data.prepare_instruction_data`) is loaded from its file, so that the sample is drawn by the one copy
     of that code: `scripts/` is a folder of command-line tools, not a package.
     """
     # one folder per tokenizer
-    data_dir = Path(work_dir) / "data" / f"wordnet-{Path(checkpoint_dir).name}-{max_samples}-{test_size}-{seed}"
+    name = f"wordnet-{Path(checkpoint_dir).name}-{max_samples}-{test_size}-{seed}" + ("-masked" if mask_inputs else "")
+    data_dir = Path(work_dir) / "data" / name
     if not (data_dir / "test.pt").is_file():
         import importlib.util
 
@@ -95,7 +98,7 @@ def wordnet_data(checkpoint_dir: Path, work_dir: Path, max_samples: int, test_si
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.prepare(checkpoint_dir, destination_path=data_dir, max_samples=max_samples, test_size=test_size,
-                       seed=seed)
+                       seed=seed, mask_inputs=mask_inputs)
     return data_dir
 
 
