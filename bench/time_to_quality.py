@@ -51,6 +51,7 @@ CONFIG_OPTIONS = {
     "flops": ["--allocator", "flops"],
     "uniform": ["--sensitivity", "none"],
 }
+STEP_TIME_FILE = "step_time.json"
 TARGET_SLACK = 0.01  # the looser target: 1 % above the baseline's best final loss
 
 
@@ -110,16 +111,26 @@ def mean_and_spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(runs: list[dict], seeds: list[int]) -> dict:
-    """Per configuration: the learning-rate grid, the best rate, and the time and FLOPs to the two targets."""
+COSTS = ("train_seconds", "clean_seconds", "train_flops")  # measured time, time at the clean step cost, FLOPs
+
+
+def summarise(runs: list[dict], seeds: list[int], clean: dict | None = None) -> dict:
+    """Per configuration: the learning-rate grid, the best rate, and the costs to the two targets.
+
+    `clean` (from `--measure_steps`) gives each configuration's step and calibration time on an idle machine; a
+    run's `clean_seconds` are then its steps at that cost plus the calibrations it had made by then.
+    """
     configs = list(dict.fromkeys(r["config"] for r in runs))
-    summary: dict = {"configs": {}}
+    summary: dict = {"configs": {}, "clean_step_time": clean or {}}
     for config in configs:
         best = best_learning_rate(runs, config, seeds[0])
         at_best = [r for r in runs if r["config"] == config and r["learning_rate"] == best]
         grid = {r["learning_rate"]: r["history"][-1]["val_loss"]
                 for r in runs if r["config"] == config and r["seed"] == seeds[0]}
         finals = [r["history"][-1]["val_loss"] for r in at_best]
+        if clean and config in clean:
+            for r in at_best:
+                add_clean_seconds(r, clean[config])
         summary["configs"][config] = {"best_learning_rate": best, "grid": dict(sorted(grid.items())),
                                       "seeds": [r["seed"] for r in at_best], "final_losses": finals,
                                       "ms_per_step": statistics.median(r["ms_per_step"] for r in at_best),
@@ -130,15 +141,23 @@ def summarise(runs: list[dict], seeds: list[int]) -> dict:
     summary["targets"] = {"best": target, "within_1pct": target * (1 + TARGET_SLACK)}
     for entry in summary["configs"].values():
         for name, loss in summary["targets"].items():
-            for key in ("train_seconds", "train_flops"):
-                reached = [time_to_reach(r["history"], loss, key) for r in entry["runs"]]
-                entry[f"{key}_to_{name}"] = reached
+            for key in COSTS:
+                entry[f"{key}_to_{name}"] = [time_to_reach(r["history"], loss, key) if key in r["history"][0] else None
+                                             for r in entry["runs"]]
     baseline = summary["configs"]["baseline"]
     for entry in summary["configs"].values():
         for name in summary["targets"]:
-            for key in ("train_seconds", "train_flops"):
+            for key in COSTS:
                 entry[f"{key}_speedup_{name}"] = speedup(baseline[f"{key}_to_{name}"], entry[f"{key}_to_{name}"])
     return summary
+
+
+def add_clean_seconds(run: dict, clean: dict) -> None:
+    """`clean_seconds` at every validation: the steps so far at the clean step time, plus the calibrations so far."""
+    calibration_steps = [e["step"] for e in run.get("drop_rate_history", []) if e.get("seconds")]
+    for point in run["history"]:
+        calibrations = sum(1 for step in calibration_steps if step < point["step"])
+        point["clean_seconds"] = point["step"] * clean["step_ms"] / 1000 + calibrations * clean["calibration_s"]
 
 
 def speedup(baseline: list[float | None], method: list[float | None]) -> float | None:
@@ -149,29 +168,29 @@ def speedup(baseline: list[float | None], method: list[float | None]) -> float |
 
 
 def render_tables(summary: dict, learning_rates: list[float]) -> str:
-    configs = summary["configs"]
+    """The learning-rate grid, each configuration at its best rate, and one table of costs per target."""
+    configs, clean = summary["configs"], summary["clean_step_time"]
     grid_rows = [[config] + [fmt(entry["grid"].get(lr), ".4f") for lr in learning_rates]
                  + [f"{entry['best_learning_rate']:g}"] for config, entry in configs.items()]
-    grid = markdown_table(["configuration"] + [f"final val loss @ lr {lr:g}" for lr in learning_rates] + ["best lr"],
-                          grid_rows)
-    if "targets" not in summary:
-        return grid
-    rows = []
-    for config, entry in configs.items():
-        mean, spread = mean_and_spread(entry["final_losses"])
-        row = [config, f"{entry['best_learning_rate']:g}", len(entry["seeds"]), f"{mean:.4f} ± {spread:.4f}",
-               f"{entry['ms_per_step']:.0f}"]
-        for name in summary["targets"]:
-            row += [cost_cell(entry[f"train_seconds_to_{name}"], ".0f"),
-                    fmt(entry[f"train_seconds_speedup_{name}"], ".2f"),
-                    cost_cell([f and f / 1e12 for f in entry[f"train_flops_to_{name}"]], ".1f"),
-                    fmt(entry[f"train_flops_speedup_{name}"], ".2f")]
-        rows.append(row)
-    best, loose = summary["targets"]["best"], summary["targets"]["within_1pct"]
-    headers = ["configuration", "lr", "seeds", "final val loss (mean ± sd)", "median ms/step"]
-    for label in (f"{best:.4f}", f"{loose:.4f} (+1 %)"):
-        headers += [f"s to {label}", "speed-up (time)", f"TFLOPs to {label}", "speed-up (FLOPs)"]
-    return grid + "\n\n" + markdown_table(headers, rows)
+    tables = [markdown_table(["configuration"] + [f"final val loss @ lr {lr:g}" for lr in learning_rates]
+                             + ["best lr"], grid_rows)]
+    best_rows = [[config, f"{entry['best_learning_rate']:g}", len(entry["seeds"]),
+                  "{:.4f} ± {:.4f}".format(*mean_and_spread(entry["final_losses"])), f"{entry['ms_per_step']:.0f}",
+                  fmt(clean.get(config, {}).get("step_ms"), ".0f"),
+                  fmt(clean.get(config, {}).get("calibration_s"), ".1f")] for config, entry in configs.items()]
+    tables.append(markdown_table(["configuration", "lr", "seeds", "final val loss (mean ± sd)",
+                                  "median ms/step in the runs", "clean ms/step", "clean calibration s"], best_rows))
+    for name, loss in summary.get("targets", {}).items():
+        rows = [[config] + [cell for key, scale, spec in (("train_seconds", 1, ".0f"), ("clean_seconds", 1, ".0f"),
+                                                          ("train_flops", 1e-12, ".2f"))
+                            for cell in (cost_cell([v and v * scale for v in entry[f"{key}_to_{name}"]], spec),
+                                         fmt(entry[f"{key}_speedup_{name}"], ".2f"))]
+                for config, entry in configs.items()]
+        title = "the baseline's best final loss" if name == "best" else "1 % above it"
+        tables.append(f"To {loss:.4f} ({title}), mean ± sd over the seeds that reached it:\n\n" + markdown_table(
+            ["configuration", "s (measured)", "speed-up", "s (clean step time)", "speed-up", "TFLOPs", "speed-up"],
+            rows))
+    return "\n\n".join(tables)
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -238,7 +257,8 @@ def report(out: Path, learning_rates: list[float], seeds: list[int], machine: st
         raise UserError(f"{Path(out) / 'runs'} mixes runs of different settings ({' / '.join(sorted(settings))}): "
                         "give each setting its own --out")
     setting = settings.pop()
-    summary = summarise(runs, seeds)
+    clean_file = Path(out) / STEP_TIME_FILE
+    summary = summarise(runs, seeds, json.loads(clean_file.read_text()) if clean_file.is_file() else None)
     table = render_tables(summary, learning_rates)
     write_results(out, "time_to_quality", machine, setting, table, {"summary": summary})
     plot(summary, Path(out) / "time_to_quality.png", f"{setting}\n{machine}")
@@ -260,6 +280,28 @@ def train_one(config: str, learning_rate: float, seed: int, common_flags: list[s
             "note": run_note(trainer), "drop_rate_history": allocations, "final": str(run_dir / "final")}
 
 
+def measure_step_time(configs: list[str], common_flags: list[str], work_dir: Path, steps: int, rounds: int,
+                      threads: int | None) -> dict:
+    """Each configuration's median step time and calibration time on an otherwise idle machine, runs alternating.
+
+    The protocol's runs share the machine (one per core), so their own timings carry the load of whatever else
+    ran; the report converts their steps to a target into time with these clean costs instead.
+    """
+    samples: dict[str, dict[str, list[float]]] = {c: {"step_ms": [], "calibration_s": []} for c in configs}
+    for _ in range(rounds):
+        for config in configs:  # alternating, so that a drift of the machine's speed hits every configuration alike
+            run_dir = Path(work_dir) / "time_to_quality" / "step-time"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            flags = common_flags + ["--out_dir", str(run_dir), "--train.max_steps", str(steps),
+                                    "--train.eval_interval", str(steps)] + config_flags(config)
+            trainer = finetune_run("lora", flags, threads)
+            samples[config]["step_ms"] += trainer.step_ms[1:]  # the first step warms the allocator up
+            samples[config]["calibration_s"] += [e["seconds"] for e in drop_rate_history(trainer) if e["seconds"]]
+    return {config: {"step_ms": statistics.median(s["step_ms"]),
+                     "calibration_s": statistics.median(s["calibration_s"]) if s["calibration_s"] else 0.0,
+                     "threads": threads, "steps": len(s["step_ms"])} for config, s in samples.items()}
+
+
 def main(
     configs: list[str] = ["baseline", "dropbp-0.5"],
     headline: list[str] | None = None,
@@ -278,6 +320,7 @@ def main(
     device: str = "cpu",
     shard: str = "0/1",
     report_only: bool = False,
+    measure_steps: int = 0,
     work_dir: Path = Path("out/bench"),
     out: Path = Path("bench/results/time_to_quality"),
 ) -> dict:
@@ -301,6 +344,9 @@ def main(
         device: cpu or cuda.
         shard: `i/n` runs every n-th planned run starting at the i-th, for n processes sharing the queue.
         report_only: rebuild the report from the run files and stop.
+        measure_steps: instead of training, time this many steps of every configuration (two alternating rounds)
+            on the otherwise idle machine with `--threads`, into `<out>/step_time.json`; the report then gives
+            each run's time to the targets at these clean costs as well.
         work_dir: the converted checkpoint, the data and the runs' output folders.
         out: the report, and `runs/` with one JSON per finished run.
     """
@@ -327,6 +373,12 @@ def main(
                     "--train.warmup_steps", str(warmup_steps), "--train.eval_interval", str(eval_interval),
                     "--train.eval_iters", "null", "--train.max_seq_length", str(max_seq_length),
                     "--train.sample_tokens", "0", "--train.save_interval", "0"]
+    if measure_steps:
+        clean = measure_step_time(configs, common_flags, work_dir, measure_steps, rounds=2, threads=threads)
+        clean_file = Path(out) / STEP_TIME_FILE
+        existing = json.loads(clean_file.read_text()) if clean_file.is_file() else {}
+        atomic_write_text(clean_file, json.dumps(existing | clean, indent=1))
+        return report(out, learning_rates, seeds, machine)
     runs_dir = Path(out) / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     while True:

@@ -101,3 +101,20 @@ def test_runs_of_different_settings_are_not_mixed(tmp_path):
 def test_a_report_needs_runs(tmp_path):
     with pytest.raises(UserError, match="no runs in"):
         ttq.main(report_only=True, out=tmp_path)
+
+
+def test_clean_step_times_turn_steps_into_seconds(tmp_path):
+    """With `step_time.json`, a run's time is its steps at the clean step cost plus the calibrations made so far."""
+    fast = record("fast", 1e-3, 1, [(0, 4.0), (99, 3.0), (199, 2.0)])  # measured seconds on a loaded machine
+    fast["drop_rate_history"] = [{"step": 0, "seconds": None}, {"step": 10, "seconds": 9.0}]
+    write(tmp_path, record("baseline", 1e-3, 1, [(0, 4.0), (10, 3.0), (20, 2.0)]), fast)
+    clean = {"baseline": {"step_ms": 1000.0, "calibration_s": 0.0}, "fast": {"step_ms": 250.0, "calibration_s": 2.0}}
+    (tmp_path / ttq.STEP_TIME_FILE).write_text(json.dumps(clean))
+    summary = ttq.report(tmp_path, [1e-3], [1], "a machine")
+    # Validations at steps 0, 10, 20: the baseline at 0, 10, 20 s; fast at 0, 2.5 and 5 + 2 (its calibration at
+    # step 10 counts from the next validation on). Target 2.0 is the baseline's final loss, reached at step 20.
+    assert summary["configs"]["baseline"]["clean_seconds_to_best"] == [pytest.approx(20.0)]
+    assert summary["configs"]["fast"]["clean_seconds_to_best"] == [pytest.approx(7.0)]
+    assert summary["configs"]["fast"]["clean_seconds_speedup_best"] == pytest.approx(20 / 7)
+    assert summary["configs"]["fast"]["train_seconds_speedup_best"] == pytest.approx(20 / 199)
+    assert "| fast | 0.001 | 1 | 2.0000 ± 0.0000 | 100 | 250 | 2.0 |" in (tmp_path / "time_to_quality.md").read_text()
