@@ -79,9 +79,9 @@ def smollm2_checkpoint(work_dir: Path) -> Path:
 
 
 def wordnet_data(checkpoint_dir: Path, work_dir: Path, max_samples: int, test_size: int, seed: int = 42,
-                 mask_inputs: bool = False) -> Path:
-    """`scripts/prepare_wordnet.py` data for `checkpoint_dir`'s tokenizer, cached in `work_dir` by model, size, seed
-    and whether the prompt is masked out of the loss (`mask_inputs`).
+                 mask_inputs: bool = False, prompt_style: str = "alpaca") -> Path:
+    """`scripts/prepare_wordnet.py` data for `checkpoint_dir`'s tokenizer, cached in `work_dir` by model, size, seed,
+    whether the prompt is masked out of the loss (`mask_inputs`) and the prompt style.
 
     The script's `prepare` (a seeded sample of `lit_gpt.data.read_wordnet`'s records, handed to
     `lit_gpt.data.prepare_instruction_data`) is loaded from its file, so that the sample is drawn by the one copy
@@ -89,6 +89,7 @@ def wordnet_data(checkpoint_dir: Path, work_dir: Path, max_samples: int, test_si
     """
     # one folder per tokenizer
     name = f"wordnet-{Path(checkpoint_dir).name}-{max_samples}-{test_size}-{seed}" + ("-masked" if mask_inputs else "")
+    name += "" if prompt_style == "alpaca" else f"-{prompt_style}"
     data_dir = Path(work_dir) / "data" / name
     if not (data_dir / "test.pt").is_file():
         import importlib.util
@@ -98,7 +99,7 @@ def wordnet_data(checkpoint_dir: Path, work_dir: Path, max_samples: int, test_si
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.prepare(checkpoint_dir, destination_path=data_dir, max_samples=max_samples, test_size=test_size,
-                       seed=seed, mask_inputs=mask_inputs)
+                       seed=seed, mask_inputs=mask_inputs, prompt_style=prompt_style)
     return data_dir
 
 

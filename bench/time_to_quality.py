@@ -316,6 +316,7 @@ def main(
     test_size: int = 48,
     max_seq_length: int = 64,
     mask_inputs: bool = True,
+    prompt_style: str = "chatml",
     threads: int | None = 1,
     device: str = "cpu",
     shard: str = "0/1",
@@ -340,6 +341,8 @@ def main(
         test_size: of those, held out for validation.
         max_seq_length: longer samples are truncated.
         mask_inputs: the loss (and the validation loss) on the responses only.
+        prompt_style: the prompt around each instruction; chatml is SmolLM2-Instruct's own chat format, and about
+            half as many tokens as alpaca's preamble.
         threads: torch threads; 1 with one process per core keeps the timings comparable.
         device: cpu or cuda.
         shard: `i/n` runs every n-th planned run starting at the i-th, for n processes sharing the queue.
@@ -361,12 +364,14 @@ def main(
     torch_device = resolve_device(device)
     machine = machine_description(torch_device)
     setting = (f"{REAL_MODEL}, LoRA r=8 α=16, WordNet {samples - test_size} train / {test_size} val, loss on "
-               f"{'responses only' if mask_inputs else 'all tokens'}, {steps} steps of {global_batch_size} samples "
-               f"(micro-batch {micro_batch_size}), cosine schedule with {warmup_steps} warm-up steps, fp32")
+               f"{'responses only' if mask_inputs else 'all tokens'}, {prompt_style} prompts, {steps} steps of "
+               f"{global_batch_size} samples (micro-batch {micro_batch_size}), cosine schedule with {warmup_steps} "
+               "warm-up steps, fp32")
     if report_only:
         return report(out, learning_rates, seeds, machine)
     checkpoint_dir = smollm2_checkpoint(work_dir)
-    data_dir = wordnet_data(checkpoint_dir, work_dir, samples, test_size, seed=42, mask_inputs=mask_inputs)
+    data_dir = wordnet_data(checkpoint_dir, work_dir, samples, test_size, seed=42, mask_inputs=mask_inputs,
+                            prompt_style=prompt_style)
     common_flags = ["--checkpoint_dir", str(checkpoint_dir), "--data_dir", str(data_dir), "--accelerator",
                     torch_device.type, "--train.global_batch_size", str(global_batch_size),
                     "--train.micro_batch_size", str(micro_batch_size), "--train.max_steps", str(steps),
