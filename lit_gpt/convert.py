@@ -74,7 +74,10 @@ def convert_hf_checkpoint(checkpoint_dir: Path, model_name: str | None = None, d
 
 def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, checkpoint_file: Path | None = None,
                            max_shard_size: str | int = "5GB") -> Path:
-    """Write an HF folder for `transformers.LlamaForCausalLM`: shards, config and tokenizer files (see `setup`)."""
+    """Write an HF folder for `transformers.LlamaForCausalLM`: shards, config and tokenizer files (see `setup`).
+
+    Returns `model.safetensors`, or `model.safetensors.index.json` when the weights took several shards.
+    """
     from lit_gpt.hf_folder import check_output_dir, write_hf_folder
 
     checkpoint_dir = check_checkpoint_dir(Path(checkpoint_dir), needs=("lit_config.json",))
@@ -87,7 +90,9 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, checkpoint_fi
     check_output_dir(output_dir, checkpoint_dir)  # before any weight is read
     hf_state_dict = convert_lit_state_dict(load_state_dict(weights), config)
     dtype = next(iter(hf_state_dict.values())).dtype if hf_state_dict else torch.float32
-    return write_hf_folder(hf_state_dict, hf_config_dict(config, dtype), output_dir, checkpoint_dir, max_shard_size)
+    folder = write_hf_folder(hf_state_dict, hf_config_dict(config, dtype), output_dir, checkpoint_dir, max_shard_size)
+    single = folder / "model.safetensors"  # the weights file when they fit one shard, else the shards' index
+    return single if single.is_file() else folder / "model.safetensors.index.json"
 
 
 

@@ -24,7 +24,7 @@ def setup(checkpoint_dir: Path, output_dir: Path, checkpoint_file: Path | None =
         max_shard_size: the largest safetensors shard, e.g. 5GB, 500MB (one tensor larger than it gets its own).
     """
     start = time.perf_counter()
-    folder = convert_lit_checkpoint(checkpoint_dir, output_dir, checkpoint_file, max_shard_size)
+    folder = convert_lit_checkpoint(checkpoint_dir, output_dir, checkpoint_file, max_shard_size).parent
     shards = len(list(folder.glob("*.safetensors")))
     print(f"wrote {folder} ({shards} shard{'s' if shards > 1 else ''}) in {time.perf_counter() - start:.1f} s")
 
