@@ -127,13 +127,13 @@ def finetune_run(kind: str, argv: list[str], threads: int | None = None):
     return trainer
 
 
-def detached_handler(model: GPT, seed: int) -> DropBPHandler:
+def detached_handler(model: GPT, seed: int, **options) -> DropBPHandler:
     """A `DropBPHandler` without its forward hook: decisions are drawn only by `handler.draw(step=i)`.
 
     A benchmark repeats or replays chosen decisions (and draws them outside fake-tensor contexts); the hook would
-    draw the next decision in every training forward.
+    draw the next decision in every training forward. `options` go to `DropBPHandler`.
     """
-    handler = DropBPHandler(model, seed=seed)
+    handler = DropBPHandler(model, seed=seed, **options)
     handler.remove()
     return handler
 
