@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from dropbp.allocation import ALLOCATORS, dropped_fraction
 from dropbp.layer import DropBP
-from dropbp.sampling import decision_generator, systematic_sample
+from dropbp.sampling import SAMPLERS, decision_generator
 from dropbp.sensitivity import Metric, SensitivityResult, measure_sensitivity
 
 
@@ -25,9 +25,29 @@ class DropBPHandler:
         model: any module containing DropBP layers.
         seed: seed of the decision generator; use the same value on every rank.
         lr_compensation: scale each branch's learning rate by 1 / (1 - p_i) in `set_lr`.
+        unbiased: scale the backward of every kept branch by 1 / (1 - p_i), so that the expected gradient is
+            the full-backprop one (below). Not with `lr_compensation`, which compensates the same drops again.
+        sampling: "systematic" (`dropbp.sampling.systematic_sample`) or "independent" coin flips per branch;
+            default: independent when `unbiased`, systematic otherwise.
+
+    Unbiasedness. Dropping changes no forward value, so every Jacobian is the same as in full backprop. With
+    m_i the keep indicator of branch i and s_i = m_i / (1 - p_i) its backward scale, every parameter gradient
+    is a sum over backward paths, each a mask-free product of Jacobians times prod_{j in S} s_j, where S is the
+    set of branch outputs the path passes through (each at most once). So the estimator is unbiased for every
+    parameter exactly when E[prod_{j in S} s_j] = 1 for every set S, which independent draws with
+    P(m_i) = 1 - p_i < 1 give. Systematic sampling has the right marginals, so E[s_j] = 1 and the paths
+    through one branch (a branch's own weights straight through the residual stream) are unbiased, but it
+    correlates the masks to fix their count: two branches at p = 0.5 are never kept together, so every path
+    through both has expectation 0 instead of its full-backprop value. Hence the independent default. Branches
+    at p_i = 1 never get a gradient; the scale makes the variance grow as p_i approaches 1.
     """
 
-    def __init__(self, model: nn.Module, seed: int = 0, lr_compensation: bool = False) -> None:
+    def __init__(self, model: nn.Module, seed: int = 0, lr_compensation: bool = False, unbiased: bool = False,
+                 *, sampling: str | None = None) -> None:
+        if unbiased and lr_compensation:
+            raise ValueError("unbiased and lr_compensation both compensate for the dropped gradient: choose one")
+        if sampling is not None and sampling not in SAMPLERS:
+            raise ValueError(f"unknown sampling {sampling!r}: choose {' or '.join(SAMPLERS)}")
         self.layers: list[DropBP] = [m for m in model.modules() if isinstance(m, DropBP)]
         if not self.layers:
             raise ValueError("the model has no DropBP layers: wrap its residual branches with dropbp.DropBP")
@@ -35,6 +55,8 @@ class DropBPHandler:
         self.seed = seed
         self.step = 0
         self.lr_compensation = lr_compensation
+        self.unbiased = unbiased
+        self._sampling = sampling
         self.sensitivities: list[float] | None = None
         self.last_calibration: SensitivityResult | None = None
         self._dropped_flops_sum = 0.0  # for the mean realised drop rate
@@ -71,6 +93,11 @@ class DropBPHandler:
             layer.flops = float(f)
 
     # ------------------------------------------------------------------ decisions
+    @property
+    def sampling(self) -> str:
+        """How `draw` samples the masks: the `sampling` argument, else independent exactly when unbiased."""
+        return self._sampling or ("independent" if self.unbiased else "systematic")
+
     def _before_forward(self, module: nn.Module, args: Any) -> None:
         if module.training and not self._calibrating:
             self.draw()
@@ -82,12 +109,19 @@ class DropBPHandler:
         """
         if step is not None:
             self.step = step
-        mask = systematic_sample(torch.tensor(self.drop_rates), decision_generator(self.seed, self.step))
+        sample = SAMPLERS[self.sampling]
+        mask = sample(torch.tensor(self.drop_rates), decision_generator(self.seed, self.step))
         for layer, dropped in zip(self.layers, mask.tolist()):
             layer.dropped = dropped
+            layer.grad_scale = self._grad_scale(layer.drop_rate, dropped)
         self.step += 1
         self._dropped_flops_sum += self.realised_drop_rate
         return mask
+
+    def _grad_scale(self, drop_rate: float, dropped: bool) -> float:
+        if not self.unbiased or dropped or drop_rate >= 1.0:
+            return 1.0
+        return 1.0 / (1.0 - drop_rate)
 
     @property
     def dropped(self) -> list[bool]:
@@ -184,6 +218,8 @@ class DropBPHandler:
             "branch_flops": self.branch_flops,
             "sensitivities": self.sensitivities,
             "lr_compensation": self.lr_compensation,
+            "unbiased": self.unbiased,
+            "sampling": self._sampling,
             "dropped_flops_sum": self._dropped_flops_sum,
         }
 
@@ -193,10 +229,12 @@ class DropBPHandler:
         self.set_branch_flops(state["branch_flops"])
         self.sensitivities = state["sensitivities"]
         self.lr_compensation = state["lr_compensation"]
+        self.unbiased = state.get("unbiased", False)  # absent in checkpoints written before the option existed
+        self._sampling = state.get("sampling")
         self._dropped_flops_sum = state["dropped_flops_sum"]
 
     def remove(self) -> None:
         """Detach the forward hook; the model then never drops again."""
         self._hook.remove()
         for layer in self.layers:
-            layer.dropped = False
+            layer.dropped, layer.grad_scale = False, 1.0

@@ -40,6 +40,9 @@ class DropBPArgs:
     """samples in the calibration batch; default: micro_batch_size"""
     lr_compensation: bool = False
     """each branch's learning rate times 1 / (1 - p_i), as the paper's library does"""
+    unbiased: bool = False
+    """experimental: a kept branch's backward times 1 / (1 - p_i), with independent draws, so the expected
+    gradient is the full one; not with --lr_compensation"""
 
 
 def check_dropbp_args(args: DropBPArgs) -> None:
@@ -49,6 +52,9 @@ def check_dropbp_args(args: DropBPArgs) -> None:
                         "backward passes, and 1 would never train the blocks")
     if not 0.0 <= args.sensitivity_at < 1.0:
         raise UserError(f"--sensitivity_at is a fraction of the optimizer steps in [0, 1), got {args.sensitivity_at}")
+    if args.unbiased and args.lr_compensation:
+        raise UserError("--unbiased true and --lr_compensation true both compensate for the dropped gradients: "
+                        "pass only one")
 
 
 class DropBP(TrainingMethod):
@@ -69,7 +75,8 @@ class DropBP(TrainingMethod):
         self.args, self.seed = args, seed
         self.metric = args.sensitivity if args.sensitivity != "auto" else ("gradnorm" if full_finetuning else "grad")
         self.calibration_batch_size = args.calibration_batch_size or calibration_batch_size
-        self.handler = DropBPHandler(model, seed=seed, lr_compensation=args.lr_compensation)
+        self.handler = DropBPHandler(model, seed=seed, lr_compensation=args.lr_compensation,
+                                     unbiased=args.unbiased)
         self.handler.set_initial_drop_rate(args.drop_rate)
         self.history: list[dict] = []  # every allocation: the uniform start, then each calibration
         self._realised: list[float] = []  # this step's micro-batches
