@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dropbp.allocation import ALLOCATORS, dropped_fraction
+from dropbp.allocation import ALLOCATORS, droppable_mask, dropped_fraction, uniform_allocation
 from dropbp.layer import DropBP
 from dropbp.sampling import SAMPLERS, decision_generator
 from dropbp.sensitivity import Metric, SensitivityResult, measure_sensitivity
@@ -57,6 +57,7 @@ class DropBPHandler:
         self.lr_compensation = lr_compensation
         self.unbiased = unbiased
         self._sampling = sampling
+        self.droppable: list[bool] | None = None  # None: every branch may drop
         self.sensitivities: list[float] | None = None
         self.last_calibration: SensitivityResult | None = None
         self._dropped_flops_sum = 0.0  # for the mean realised drop rate
@@ -72,9 +73,32 @@ class DropBPHandler:
     def branch_flops(self) -> list[float]:
         return [layer.flops for layer in self.layers]
 
-    def set_initial_drop_rate(self, drop_rate: float) -> None:
-        """The same rate for every branch; 1.0 always drops (for ablations)."""
-        self.set_drop_rates([drop_rate] * len(self.layers))
+    def set_initial_drop_rate(self, drop_rate: float, droppable: Sequence[bool] | None = None) -> None:
+        """The same rate for every branch; 1.0 always drops (for ablations).
+
+        With a `droppable` mask (one flag per branch, in `layers` order), only those branches drop, at the one
+        rate that makes the FLOPs-weighted mean over all branches `drop_rate` (`UnreachableTarget`, a
+        ValueError, when it would exceed 1). Later calibrations keep the restriction.
+        """
+        mask = None if droppable is None else droppable_mask(droppable, len(self.layers))
+        self.set_drop_rates(uniform_allocation(self.branch_flops, drop_rate, mask))
+        self.droppable = mask
+
+    def allocate(self, target_drop_rate: float, allocator: str = "greedy",
+                 sensitivities: Sequence[float] | None = None, **allocator_kwargs: Any) -> list[float]:
+        """Set the drop rates from an allocator of `dropbp.allocation.ALLOCATORS`, within `droppable`.
+
+        `sensitivities` default to the last calibration's, else to ones (for allocators that ignore them).
+        """
+        if allocator not in ALLOCATORS:
+            raise ValueError(f"unknown allocator {allocator!r}: choose {' or '.join(ALLOCATORS)}")
+        if sensitivities is None:
+            sensitivities = self.sensitivities or [1.0] * len(self.layers)
+        if self.droppable is not None:
+            allocator_kwargs.setdefault("droppable", self.droppable)
+        rates = ALLOCATORS[allocator](list(sensitivities), self.branch_flops, target_drop_rate, **allocator_kwargs)
+        self.set_drop_rates(rates)
+        return rates
 
     def set_drop_rates(self, drop_rates: Sequence[float]) -> None:
         if len(drop_rates) != len(self.layers):
@@ -166,6 +190,7 @@ class DropBPHandler:
 
         Under data parallelism each rank measures its own share of the calibration batch; `reduce` (e.g. an
         all-reduce mean) combines the sensitivities so that every rank allocates the same rates.
+        Branches outside `droppable` (see `set_initial_drop_rate`) keep p = 0.
         """
         if allocator not in ALLOCATORS:
             raise ValueError(f"unknown allocator {allocator!r}: choose {' or '.join(ALLOCATORS)}")
@@ -177,8 +202,7 @@ class DropBPHandler:
             self._calibrating = False
         if reduce is not None:
             result.sensitivities = [float(s) for s in reduce(result.sensitivities)]
-        rates = ALLOCATORS[allocator](result.sensitivities, self.branch_flops, target_drop_rate, **allocator_kwargs)
-        self.set_drop_rates(rates)
+        self.allocate(target_drop_rate, allocator, result.sensitivities, **allocator_kwargs)
         self.sensitivities = result.sensitivities
         self.last_calibration = result
         return result
@@ -219,6 +243,7 @@ class DropBPHandler:
             "sensitivities": self.sensitivities,
             "lr_compensation": self.lr_compensation,
             "unbiased": self.unbiased,
+            "droppable": self.droppable,
             "sampling": self._sampling,
             "dropped_flops_sum": self._dropped_flops_sum,
         }
@@ -231,6 +256,7 @@ class DropBPHandler:
         self.lr_compensation = state["lr_compensation"]
         self.unbiased = state.get("unbiased", False)  # absent in checkpoints written before the option existed
         self._sampling = state.get("sampling")
+        self.droppable = state.get("droppable")
         self._dropped_flops_sum = state["dropped_flops_sum"]
 
     def remove(self) -> None:

@@ -10,7 +10,16 @@ import torch.nn as nn
 
 from conftest import tiny_shape
 from dropbp import DropBP, DropBPHandler
+from dropbp.allocation import (
+    UnreachableTarget,
+    depth_allocation,
+    dropped_fraction,
+    flops_aware_allocation,
+    greedy_allocation,
+)
 from lit_gpt.config import Config
+from lit_gpt.methods.base import RunContext
+from lit_gpt.methods.dropbp import DropBP as DropBPMethod
 from lit_gpt.methods.dropbp import DropBPArgs, check_dropbp_args
 from lit_gpt.model import GPT
 from lit_gpt.utils import UserError
@@ -194,3 +203,159 @@ def test_calibration_measures_unscaled_gradients_and_restores_the_scales():
     plain = DropBPHandler(TinyResidual().train())  # the same weights, never scaled
     assert measured == plain.sensitivity_based_drop_bp(lambda: nn.functional.mse_loss(plain.model(x), y), 0.5,
                                                        metric="grad").sensitivities
+
+
+# ---------------------------------------------------------------------------------------------- 2. which branches
+RANDOM = torch.Generator().manual_seed(7)
+FLOPS = (torch.rand(10, generator=RANDOM, dtype=torch.float64) + 0.2).tolist()
+SENSITIVITIES = torch.rand(10, generator=RANDOM, dtype=torch.float64).tolist()
+EVERY_OTHER = [i % 2 == 0 for i in range(10)]  # "attention" branches, as a GPT orders them
+
+
+def share(flops, droppable) -> float:
+    return sum(f for f, d in zip(flops, droppable) if d) / sum(flops)
+
+
+@pytest.mark.parametrize("allocate, cap", [(greedy_allocation, 0.9), (flops_aware_allocation, 0.95),
+                                           (depth_allocation, 1.0)])
+def test_allocators_drop_only_droppable_branches_and_still_meet_the_target_over_all(allocate, cap):
+    target = 0.8 * cap * share(FLOPS, EVERY_OTHER)
+    rates = allocate(SENSITIVITIES, FLOPS, target, droppable=EVERY_OTHER)
+    assert all(r == 0.0 for r, d in zip(rates, EVERY_OTHER) if not d)
+    assert all(0.0 < r <= cap + 1e-12 for r, d in zip(rates, EVERY_OTHER) if d)
+    if allocate is greedy_allocation:  # steps of 0.1: the smallest total at or above the target
+        assert target <= dropped_fraction(rates, FLOPS) < target + 0.1
+    else:
+        assert dropped_fraction(rates, FLOPS) == pytest.approx(target, rel=1e-9)
+    unrestricted = allocate(SENSITIVITIES, FLOPS, target)
+    assert any(r > 0 for r, d in zip(unrestricted, EVERY_OTHER) if not d)  # the mask is what spared them
+
+    reachable = cap * share(FLOPS, EVERY_OTHER)
+    with pytest.raises(UnreachableTarget, match="droppable branches only") as error:
+        allocate(SENSITIVITIES, FLOPS, reachable + 0.01, droppable=EVERY_OTHER)
+    assert error.value.reachable == pytest.approx(reachable)
+    at_edge = allocate(SENSITIVITIES, FLOPS, reachable, droppable=EVERY_OTHER)
+    assert at_edge == pytest.approx([cap if d else 0.0 for d in EVERY_OTHER])
+
+
+def test_the_initial_rate_is_uniform_over_droppable_branches_and_calibration_keeps_the_rest_at_zero():
+    model = TinyResidual(depth=4).train()
+    handler = DropBPHandler(model)
+    handler.set_branch_flops([1.0, 3.0, 1.0, 3.0])
+    droppable = [False, True, False, True]
+    handler.set_initial_drop_rate(0.3, droppable)
+    assert handler.drop_rates == pytest.approx([0.0, 0.4, 0.0, 0.4])  # 0.3 * 8 / 6
+    assert dropped_fraction(handler.drop_rates, handler.branch_flops) == pytest.approx(0.3)
+    for _ in range(200):
+        handler.draw()
+        assert not handler.dropped[0] and not handler.dropped[2]
+    x, y = batch()
+    handler.sensitivity_based_drop_bp(lambda: nn.functional.mse_loss(model(x), y), 0.3, allocator="flops")
+    assert handler.drop_rates[0] == handler.drop_rates[2] == 0.0
+    assert dropped_fraction(handler.drop_rates, handler.branch_flops) == pytest.approx(0.3, rel=1e-9)
+    with pytest.raises(UnreachableTarget, match=r"reachable range is \[0, 0\.75\]"):
+        handler.set_initial_drop_rate(0.8, droppable)
+    assert handler.droppable == droppable  # a failed call changes nothing
+    handler.set_initial_drop_rate(0.3)
+    assert handler.drop_rates == [0.3] * 4 and handler.droppable is None
+
+    state = handler.state_dict()
+    handler.set_initial_drop_rate(0.3, droppable)
+    state_restricted = handler.state_dict()
+    resumed = DropBPHandler(TinyResidual())
+    resumed.load_state_dict(state_restricted)
+    assert resumed.droppable == droppable and resumed.drop_rates == handler.drop_rates
+    resumed.load_state_dict({k: v for k, v in state.items() if k != "droppable"})  # written before the option
+    assert resumed.droppable is None
+
+
+def tiny_gpt(n_layer: int = 4) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(Config(**tiny_shape(n_embd=32, intermediate_size=64, vocab_size=50, block_size=16, n_layer=n_layer)))
+    model.reset_parameters()
+    return model
+
+
+def started(args: DropBPArgs, tmp_path, n_layer: int = 4, max_steps: int = 10) -> DropBPMethod:
+    """The DropBP method after the loop's `start`, on a tiny GPT (no training, no files written)."""
+    model = tiny_gpt(n_layer)
+    method = DropBPMethod(model, args, full_finetuning=True, calibration_batch_size=2, seed=0)
+
+    def unused(*_args, **_kwargs):
+        raise AssertionError("start must not train or calibrate")
+
+    run = RunContext(model=model, optimizer=None, max_steps=max_steps, accumulation=1, micro_batches_per_epoch=10,
+                     seed=0, mean_seq_length=16, out_dir=tmp_path, is_main=False, learning_rate=unused,
+                     run_micro_batches=unused, calibration_batch=unused, whole_model=unused, all_reduce_mean=unused,
+                     check_loss=unused, print=unused)
+    method.start(run)
+    return method
+
+
+@pytest.mark.parametrize("kind", ["attention", "mlp"])
+def test_drop_branches_restricts_dropping_to_one_kind_of_branch(tmp_path, kind):
+    method = started(DropBPArgs(drop_rate=0.2, drop_branches=kind), tmp_path)
+    handler = method.handler
+    kinds = [layer.kind for layer in handler.layers]
+    assert kinds == ["attention", "mlp"] * 4  # lit_gpt labels its branches
+    rates = handler.drop_rates
+    assert all(r == 0.0 for r, k in zip(rates, kinds) if k != kind)
+    assert len({r for r, k in zip(rates, kinds) if k == kind}) == 1 and max(rates) > 0.2
+    assert dropped_fraction(rates, handler.branch_flops) == pytest.approx(0.2)
+    assert method.history[0]["drop_branches"] == kind and method.history[0]["allocator"] == "uniform"
+
+
+def test_an_unreachable_target_for_the_selected_branches_names_the_largest_reachable_one(tmp_path):
+    attention = DropBPHandler(tiny_gpt())  # what the method will see: the cost model's FLOPs
+    flops = started(DropBPArgs(drop_rate=0.1), tmp_path).handler.branch_flops
+    reachable = 0.9 * share(flops, [layer.kind == "attention" for layer in attention.layers])  # greedy's cap
+    assert 0.05 < reachable < 0.6
+    with pytest.raises(UserError, match="largest reachable target is") as error:
+        started(DropBPArgs(drop_rate=round(reachable + 0.02, 2), drop_branches="attention"), tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and "--drop_branches attention" in message
+    largest = float(message.rsplit(" ", 1)[1])
+    assert reachable - 1e-4 <= largest <= reachable
+    started(DropBPArgs(drop_rate=largest, drop_branches="attention"), tmp_path)  # the named target works
+    # with no calibration to come (sensitivity none), the uniform start's bound is the share itself, cap 1
+    started(DropBPArgs(drop_rate=round(reachable + 0.02, 2), drop_branches="attention", sensitivity="none"), tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- 3. depth
+def test_depth_allocation_hand_worked():
+    assert depth_allocation([1.0] * 4, [1.0] * 4, 0.5) == pytest.approx([0.8, 0.6, 0.4, 0.2])  # weights 1 .. 1/4
+    # at 0.75 the bottom branch clips at 1 and the rest absorb its excess: 1 + 1 + 2/3 + 1/3 = 3 = 0.75 * 4
+    assert depth_allocation([1.0] * 4, [1.0] * 4, 0.75) == pytest.approx([1.0, 1.0, 2 / 3, 1 / 3])
+    assert depth_allocation([1.0] * 4, [1.0] * 4, 0.75, cap=0.9) == pytest.approx([0.9, 0.9, 0.8, 0.4])
+    assert depth_allocation([1.0] * 4, [1.0] * 4, 0.0) == [0.0] * 4
+    assert depth_allocation([5.0, 0.0, 1.0, 2.0], [1.0] * 4, 0.5) == depth_allocation([1.0] * 4, [1.0] * 4, 0.5)
+
+
+@pytest.mark.parametrize("droppable", [None, EVERY_OTHER])
+@pytest.mark.parametrize("cap", [1.0, 0.9])
+def test_depth_allocation_meets_the_target_falls_with_depth_and_stays_in_bounds(droppable, cap):
+    mask = droppable or [True] * 10
+    for fraction in (0.05, 0.3, 0.6, 0.9, 0.99, 1.0):
+        target = fraction * cap * share(FLOPS, mask)
+        rates = depth_allocation(SENSITIVITIES, FLOPS, target, cap=cap, droppable=droppable)
+        assert dropped_fraction(rates, FLOPS) == pytest.approx(target, rel=1e-9, abs=1e-12)
+        assert all(0.0 <= r <= cap for r in rates)
+        assert all(r == 0.0 for r, d in zip(rates, mask) if not d)
+        shaped = [r for r, d in zip(rates, mask) if d]
+        assert all(a >= b for a, b in zip(shaped, shaped[1:])), shaped
+        if fraction < 1:  # falling, and the top branch still drops (at the maximum, all sit at the cap)
+            assert shaped[0] > shaped[-1] > 0
+
+
+def test_allocator_depth_shapes_the_start_and_never_calibrates(tmp_path):
+    method = started(DropBPArgs(drop_rate=0.4, allocator="depth"), tmp_path)  # sensitivity auto
+    handler = method.handler
+    assert method.metric == "none" and method._calibration_steps == set()
+    assert handler.drop_rates == depth_allocation([1.0] * 8, handler.branch_flops, 0.4)
+    assert handler.drop_rates[0] > handler.drop_rates[-1]
+    assert method.history[0]["allocator"] == "depth"
+    mlp_only = started(DropBPArgs(drop_rate=0.3, allocator="depth", drop_branches="mlp", sensitivity="none"),
+                       tmp_path).handler.drop_rates
+    assert mlp_only[0::2] == [0.0] * 4 and mlp_only[1] > mlp_only[3] > mlp_only[5] > mlp_only[7] > 0
+    with pytest.raises(UserError, match="--allocator depth ignores sensitivities"):
+        check_dropbp_args(DropBPArgs(drop_rate=0.4, allocator="depth", sensitivity="grad"))
