@@ -359,3 +359,15 @@ def test_allocator_depth_shapes_the_start_and_never_calibrates(tmp_path):
     assert mlp_only[0::2] == [0.0] * 4 and mlp_only[1] > mlp_only[3] > mlp_only[5] > mlp_only[7] > 0
     with pytest.raises(UserError, match="--allocator depth ignores sensitivities"):
         check_dropbp_args(DropBPArgs(drop_rate=0.4, allocator="depth", sensitivity="grad"))
+
+
+def test_the_three_flags_parse_and_default_off(tmp_path):
+    from lit_gpt.args import parse_args
+
+    base = ["--checkpoint_dir", str(tmp_path)]
+    assert parse_args("lora", base).dropbp == DropBPArgs()
+    args = parse_args("lora", [*base, "--drop_rate", "0.3", "--unbiased", "true", "--drop_branches", "mlp",
+                               "--allocator", "depth"]).dropbp
+    assert (args.unbiased, args.drop_branches, args.allocator) == (True, "mlp", "depth")
+    with pytest.raises(SystemExit):
+        parse_args("lora", [*base, "--drop_branches", "norm"])
