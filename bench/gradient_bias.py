@@ -18,8 +18,9 @@ it a zero gradient, whose cosine counts as 0.
 Configurations, each at every target (a FLOPs-weighted drop rate, `dropbp.allocation.dropped_fraction`):
 uniform rates; the paper's greedy allocation from a sensitivity calibration (`sensitivity_based_drop_bp`, gradient
 metric, as `--method dropbp` does for LoRA); the FLOPs-aware allocator; MLP-only and attention-only dropping (one
-rate on the chosen kind that meets the target, infeasible above 1); and, where this checkout has them, the
-depth-shaped allocator and the unbiased estimator (`DropBPHandler(..., unbiased=True)`).
+rate on the chosen kind that meets the target, infeasible above 1); the depth-shaped allocator (rates falling
+from the bottom branch to the top one); and the unbiased estimator (`DropBPHandler(..., unbiased=True)`: kept
+branches' backward times 1 / (1 - p_i), independent draws) with uniform and with FLOPs-aware rates.
 
     python -m bench.gradient_bias                 # SmolLM2-135M-Instruct, LoRA, WordNet, one CPU thread
     python -m bench.gradient_bias --draws 64 --device cuda --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
@@ -27,7 +28,6 @@ depth-shaped allocator and the unbiased estimator (`DropBPHandler(..., unbiased=
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 import statistics
@@ -40,7 +40,7 @@ import torch
 from bench.common import detached_handler, machine_description, markdown_table, resolve_device, write_results
 from bench.gradient_alignment import REAL_MODEL, lora_model, real_checkpoint, wordnet_samples
 from dropbp import DropBPHandler
-from dropbp.allocation import ALLOCATORS, dropped_fraction
+from dropbp.allocation import ALLOCATORS, UnreachableTarget, dropped_fraction, uniform_allocation
 from lit_gpt.data import collate
 from lit_gpt.flops import CostModel
 from lit_gpt.loss import forward_backward, next_token_loss
@@ -48,7 +48,6 @@ from lit_gpt.utils import UserError, run_cli
 
 KINDS = ("attention", "mlp")
 _GROUP_NAME = re.compile(r"(?:^|\.)h\.(\d+)\.(attn|mlp)\.")
-_BRANCH_NAME = re.compile(r"(?:^|\.)h\.(\d+)\.dropbp_(attn|mlp)$")
 
 
 # ---------------------------------------------------------------------- parameter groups and branches
@@ -69,16 +68,6 @@ def trainable_groups(model: torch.nn.Module) -> dict[tuple[int, str] | None, lis
     return groups
 
 
-def branch_kinds(model: torch.nn.Module, handler: DropBPHandler) -> list[str]:
-    """"attention" or "mlp" for each of the handler's DropBP layers, from the layers' names in the model."""
-    kind_of = {}
-    for name, module in model.named_modules():
-        match = _BRANCH_NAME.search(name)
-        if match is not None:
-            kind_of[id(module)] = "attention" if match.group(2) == "attn" else "mlp"
-    return [kind_of[id(layer)] for layer in handler.layers]
-
-
 # ---------------------------------------------------------------------- configurations
 @dataclass
 class Configuration:
@@ -89,18 +78,14 @@ class Configuration:
     note: str = ""
 
 
-def has_unbiased_estimator() -> bool:
-    return "unbiased" in inspect.signature(DropBPHandler).parameters
-
-
 def single_kind_rates(kind: str, kinds: list[str], flops: list[float], target: float) -> tuple[list[float] | None, str]:
-    """One rate on every branch of `kind` (0 on the others) whose FLOPs-weighted drop rate is `target`."""
-    chosen = sum(f for f, k in zip(flops, kinds) if k == kind)
-    rate = target * sum(flops) / chosen
-    if rate > 1 + 1e-9:
-        return None, f"infeasible: {kind} branches hold {chosen / sum(flops):.0%} of the FLOPs, would need p={rate:.2f}"
-    rate = min(rate, 1.0)
-    return [rate if k == kind else 0.0 for k in kinds], f"p={rate:.3f} on {kind}"
+    """One rate on every branch of `kind`, 0 on the others, with the FLOPs-weighted mean `target`; None if > 1."""
+    try:
+        rates = uniform_allocation(flops, target, droppable=[k == kind for k in kinds])
+    except UnreachableTarget as e:
+        return None, (f"infeasible: {kind} branches hold {e.reachable:.0%} of the FLOPs, "
+                      f"would need p={target / e.reachable:.2f}")
+    return rates, f"p={max(rates):.3f} on {kind}"
 
 
 def configurations(targets: list[float], sensitivities: list[float], flops: list[float],
@@ -110,15 +95,13 @@ def configurations(targets: list[float], sensitivities: list[float], flops: list
     for target in targets:
         configs.append(Configuration("uniform", target, [target] * len(flops)))
         for allocator in ("greedy", "flops", "depth"):
-            if allocator in ALLOCATORS:
-                configs.append(Configuration(allocator, target, ALLOCATORS[allocator](sensitivities, flops, target)))
+            configs.append(Configuration(allocator, target, ALLOCATORS[allocator](sensitivities, flops, target)))
         for kind in KINDS:
             rates, note = single_kind_rates(kind, kinds, flops, target)
             configs.append(Configuration(f"{kind} only", target, rates, note=note))
-        if has_unbiased_estimator():
-            configs.append(Configuration("uniform, unbiased", target, [target] * len(flops), unbiased=True))
-            configs.append(Configuration("flops, unbiased", target, ALLOCATORS["flops"](sensitivities, flops, target),
-                                         unbiased=True))
+        configs.append(Configuration("uniform, unbiased", target, [target] * len(flops), unbiased=True))
+        configs.append(Configuration("flops, unbiased", target, ALLOCATORS["flops"](sensitivities, flops, target),
+                                     unbiased=True))
     return configs
 
 
@@ -196,15 +179,15 @@ def summarise(exact: dict, draws: dict, n_layer: int) -> dict:
 def diagnose(model, config: Configuration, micro_batches, exact: dict, groups: dict, flops: list[float],
              draws: int, seed: int) -> dict:
     """Bias and variance of `config`'s DropBP gradient against `exact` over `draws` step gradients."""
-    options = {"unbiased": True} if config.unbiased else {}
-    handler = detached_handler(model, seed=seed, **options)
+    handler = detached_handler(model, seed=seed, unbiased=config.unbiased)
     handler.set_branch_flops(flops)
     handler.set_drop_rates(config.rates)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     samples = draw_gradients(model, handler, micro_batches, draws, groups)
     handler.remove()
     n_layer = 1 + max(key[0] for key in groups if key is not None)
-    return dict(seconds=time.perf_counter() - start, **summarise(exact, samples, n_layer))
+    return dict(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start,
+                **summarise(exact, samples, n_layer))
 
 
 # ---------------------------------------------------------------------- report
@@ -280,9 +263,9 @@ def main(
     model_name: str = REAL_MODEL,
     checkpoint_dir: Path | None = None,
     targets: list[float] = [0.5, 0.75],
-    draws: int = 32,
+    draws: int = 16,
     micro_batches: int = 2,
-    micro_batch_size: int = 2,
+    micro_batch_size: int = 1,
     max_seq_length: int = 64,
     lora_b_std: float = 1e-3,
     seed: int = 0,
@@ -322,10 +305,10 @@ def main(
                for i in range(0, batch_size, micro_batch_size)]
     calibration = tuple(t.to(torch_device) for t in collate(samples[batch_size:]))  # another batch, as the loop does
     model = lora_model(checkpoint_dir, torch_device, lora_b_std, seed)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     rows, calibrated = run(model, batches, calibration, targets, draws, seed,
                            mean_seq_length=round(statistics.fmean(len(s["input_ids"]) for s in samples[:batch_size])))
-    calibrated["total_seconds"] = time.perf_counter() - start
+    calibrated.update(total_seconds=time.perf_counter() - start, total_cpu_seconds=time.process_time() - cpu_start)
 
     machine = machine_description(torch_device)
     setting = (f"{Path(checkpoint_dir).name}, LoRA r=8 α=16 (B ~ N(0, {lora_b_std:g})), {micro_batches} micro-batches "
@@ -345,7 +328,7 @@ def run(model, batches, calibration, targets: list[float], draws: int, seed: int
     calibration_ids, calibration_labels = calibration
     result = handler.sensitivity_based_drop_bp(lambda: next_token_loss(model(calibration_ids), calibration_labels),
                                                targets[0], metric="grad", allocator="greedy")
-    kinds = branch_kinds(model, handler)
+    kinds = [layer.kind for layer in handler.layers]
     groups = trainable_groups(model)
     handler.set_initial_drop_rate(0.0)
     exact = step_gradient(model, handler, batches, 0, groups)
@@ -360,7 +343,7 @@ def run(model, batches, calibration, targets: list[float], draws: int, seed: int
             w = row["whole"]
             print(f"{config.name:>20} p={config.target:g}: bias cos {_cell(w['bias_cosine'])}, "
                   f"draw cos {_cell(w['draw_cosine'])}, rel. var {_cell(w['relative_variance'], 2)} "
-                  f"({row['seconds']:.0f} s)", flush=True)
+                  f"({row['seconds']:.0f} s, {row['cpu_seconds']:.0f} s CPU)", flush=True)
         rows.append(row)
     calibrated = dict(sensitivities=result.sensitivities, calibration_seconds=result.seconds, branch_flops=flops,
                       kinds=kinds, mean_seq_length=mean_seq_length)

@@ -27,7 +27,7 @@ def setup(one_thread):
     batches = [(ids, ids.clone()) for ids in (torch.randint(0, 101, (2, 12), generator=generator) for _ in range(2))]
     groups = gradient_bias.trainable_groups(model)
     handler = detached_handler(model, seed=0)
-    kinds = gradient_bias.branch_kinds(model, handler)
+    kinds = [layer.kind for layer in handler.layers]
     exact = gradient_bias.step_gradient(model, handler, batches, 0, groups)
     handler.remove()
     flops = [1.0 + (k == "mlp") for k in kinds]  # MLP twice attention: a quarter of the MLP rate per unit of target
@@ -40,8 +40,7 @@ def diagnose(setup, rates, draws, unbiased=False):
                                   setup["flops"], draws, seed=0)
 
 
-def test_groups_and_branches_are_named_from_the_model(setup):
-    assert setup["kinds"] == ["attention", "mlp"] * N_LAYER
+def test_groups_are_named_from_the_parameters(setup):
     keys = {key for key in setup["groups"] if key is not None}
     assert keys == {(layer, kind) for layer in range(N_LAYER) for kind in ("attention", "mlp")}
     assert gradient_bias.parameter_group("transformer.h.12.attn.proj.lora_A") == (12, "attention")
@@ -87,6 +86,18 @@ def test_mlp_only_dropping_keeps_the_top_attention_exact_exactly_when_the_top_ml
         outcomes.add(exact_here)
     handler.remove()
     assert outcomes == {True, False}  # both cases happened
+
+
+def test_the_unbiased_estimator_averages_to_the_exact_gradient_and_the_plain_one_does_not(setup):
+    def distance_of_the_mean(result):  # |E - g| / |g| from the cosine and the norm ratio
+        whole = result["whole"]
+        return (whole["norm_ratio"] ** 2 - 2 * whole["norm_ratio"] * whole["bias_cosine"] + 1) ** 0.5
+
+    rates = [0.5] * len(setup["kinds"])
+    plain = distance_of_the_mean(diagnose(setup, rates, draws=32))
+    unbiased = distance_of_the_mean(diagnose(setup, rates, draws=32, unbiased=True))
+    assert plain > 0.3  # the plain mean is about half the gradient, and turned
+    assert unbiased < plain / 3
 
 
 def test_summary_statistics_match_their_definitions():
