@@ -157,11 +157,14 @@ def write_results(out: Path, name: str, machine: str, setting: str, table: str, 
     """Write `<name>.md` (machine, setting, the exact command, the table) and `<name>.json`, and print the table."""
     import json
 
+    from lit_gpt.utils import atomic_write_text
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     command = command_line(name)
-    (out / f"{name}.md").write_text(f"Machine: {machine}\n\nSetting: {setting}\n\nCommand: `{command}`\n\n{table}\n")
+    report = f"Machine: {machine}\n\nSetting: {setting}\n\nCommand: `{command}`\n\n{table}\n"
+    atomic_write_text(out / f"{name}.md", report)
     record = dict(machine=machine, setting=setting, command=command, **data)
-    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
+    atomic_write_text(out / f"{name}.json", json.dumps(record, indent=2))
     print(f"\nMachine: {machine}\nSetting: {setting}\n\n{table}\n\nwrote {out}/{name}.md, .json, .png")
     return out

@@ -90,18 +90,19 @@ def single_kind_rates(kind: str, kinds: list[str], flops: list[float], target: f
 
 def configurations(targets: list[float], sensitivities: list[float], flops: list[float],
                    kinds: list[str]) -> list[Configuration]:
-    """Every configuration to screen at each target, in table order."""
+    """Every configuration to screen at each target, in the order they run (the plain and unbiased baselines first)."""
     configs = []
     for target in targets:
-        configs.append(Configuration("uniform", target, [target] * len(flops)))
-        for allocator in ("greedy", "flops", "depth"):
-            configs.append(Configuration(allocator, target, ALLOCATORS[allocator](sensitivities, flops, target)))
+        uniform, flops_rates = [target] * len(flops), ALLOCATORS["flops"](sensitivities, flops, target)
+        configs += [Configuration("uniform", target, uniform),
+                    Configuration("uniform, unbiased", target, uniform, unbiased=True)]
+        configs += [Configuration(allocator, target, ALLOCATORS[allocator](sensitivities, flops, target))
+                    for allocator in ("greedy", "depth")]
+        configs.append(Configuration("flops", target, flops_rates))
         for kind in KINDS:
             rates, note = single_kind_rates(kind, kinds, flops, target)
             configs.append(Configuration(f"{kind} only", target, rates, note=note))
-        configs.append(Configuration("uniform, unbiased", target, [target] * len(flops), unbiased=True))
-        configs.append(Configuration("flops, unbiased", target, ALLOCATORS["flops"](sensitivities, flops, target),
-                                     unbiased=True))
+        configs.append(Configuration("flops, unbiased", target, flops_rates, unbiased=True))
     return configs
 
 
@@ -305,23 +306,26 @@ def main(
                for i in range(0, batch_size, micro_batch_size)]
     calibration = tuple(t.to(torch_device) for t in collate(samples[batch_size:]))  # another batch, as the loop does
     model = lora_model(checkpoint_dir, torch_device, lora_b_std, seed)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    rows, calibrated = run(model, batches, calibration, targets, draws, seed,
-                           mean_seq_length=round(statistics.fmean(len(s["input_ids"]) for s in samples[:batch_size])))
-    calibrated.update(total_seconds=time.perf_counter() - start, total_cpu_seconds=time.process_time() - cpu_start)
-
     machine = machine_description(torch_device)
     setting = (f"{Path(checkpoint_dir).name}, LoRA r=8 α=16 (B ~ N(0, {lora_b_std:g})), {micro_batches} micro-batches "
                f"of {micro_batch_size} WordNet samples (≤ {max_seq_length} tokens), N = {draws} draws per "
                f"configuration, greedy/flops rates from one gradient-metric calibration on another micro-batch, fp32")
-    write_results(out, "gradient_bias", machine, setting, results_table(rows), {**calibrated, "rows": rows})
-    plot(rows, Path(out) / "gradient_bias.png", f"{setting}\n{machine}")
-    return rows
+    start, cpu_start = time.perf_counter(), time.process_time()
+
+    def report(rows: list[dict], calibrated: dict, planned: int) -> None:  # after every configuration
+        progress = dict(configurations_done=len(rows), configurations_planned=planned,
+                        total_seconds=time.perf_counter() - start, total_cpu_seconds=time.process_time() - cpu_start)
+        write_results(out, "gradient_bias", machine, setting, results_table(rows), {**calibrated, **progress,
+                                                                                     "rows": rows})
+        plot(rows, Path(out) / "gradient_bias.png", f"{setting}\n{machine}")
+
+    mean_seq_length = round(statistics.fmean(len(s["input_ids"]) for s in samples[:batch_size]))
+    return run(model, batches, calibration, targets, draws, seed, mean_seq_length, report)
 
 
-def run(model, batches, calibration, targets: list[float], draws: int, seed: int,
-        mean_seq_length: int) -> tuple[list[dict], dict]:
-    """Calibrate once, then measure every configuration: one row per configuration, and the calibration."""
+def run(model, batches, calibration, targets: list[float], draws: int, seed: int, mean_seq_length: int,
+        report=None) -> list[dict]:
+    """Calibrate once, then measure every configuration: one row each, handed to `report` as they finish."""
     handler = detached_handler(model, seed=seed)
     flops = [max(1.0, f) for f in CostModel(model).branch_backward_flops(mean_seq_length)]  # as --method dropbp
     handler.set_branch_flops(flops)
@@ -333,8 +337,11 @@ def run(model, batches, calibration, targets: list[float], draws: int, seed: int
     handler.set_initial_drop_rate(0.0)
     exact = step_gradient(model, handler, batches, 0, groups)
     handler.remove()
+    calibrated = dict(sensitivities=result.sensitivities, calibration_seconds=result.seconds, branch_flops=flops,
+                      kinds=kinds, mean_seq_length=mean_seq_length)
+    configs = configurations(targets, result.sensitivities, flops, kinds)
     rows = []
-    for config in configurations(targets, result.sensitivities, flops, kinds):
+    for config in configs:
         row = dict(name=config.name, target=config.target, unbiased=config.unbiased, note=config.note,
                    rates=config.rates)
         if config.rates is not None:
@@ -345,9 +352,9 @@ def run(model, batches, calibration, targets: list[float], draws: int, seed: int
                   f"draw cos {_cell(w['draw_cosine'])}, rel. var {_cell(w['relative_variance'], 2)} "
                   f"({row['seconds']:.0f} s, {row['cpu_seconds']:.0f} s CPU)", flush=True)
         rows.append(row)
-    calibrated = dict(sensitivities=result.sensitivities, calibration_seconds=result.seconds, branch_flops=flops,
-                      kinds=kinds, mean_seq_length=mean_seq_length)
-    return rows, calibrated
+        if report is not None:
+            report(sorted(rows, key=lambda r: r["target"]), calibrated, len(configs))
+    return rows
 
 
 if __name__ == "__main__":
