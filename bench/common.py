@@ -131,13 +131,13 @@ def finetune_run(kind: str, argv: list[str], threads: int | None = None):
     return trainer
 
 
-def detached_handler(model: GPT, seed: int) -> DropBPHandler:
+def detached_handler(model: GPT, seed: int, **options) -> DropBPHandler:
     """A `DropBPHandler` without its forward hook: decisions are drawn only by `handler.draw(step=i)`.
 
     A benchmark repeats or replays chosen decisions (and draws them outside fake-tensor contexts); the hook would
-    draw the next decision in every training forward.
+    draw the next decision in every training forward. `options` go to `DropBPHandler`.
     """
-    handler = DropBPHandler(model, seed=seed)
+    handler = DropBPHandler(model, seed=seed, **options)
     handler.remove()
     return handler
 
@@ -161,11 +161,14 @@ def write_results(out: Path, name: str, machine: str, setting: str, table: str, 
     """Write `<name>.md` (machine, setting, the exact command, the table) and `<name>.json`, and print the table."""
     import json
 
+    from lit_gpt.utils import atomic_write_text
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     command = command_line(name)
-    (out / f"{name}.md").write_text(f"Machine: {machine}\n\nSetting: {setting}\n\nCommand: `{command}`\n\n{table}\n")
+    report = f"Machine: {machine}\n\nSetting: {setting}\n\nCommand: `{command}`\n\n{table}\n"
+    atomic_write_text(out / f"{name}.md", report)
     record = dict(machine=machine, setting=setting, command=command, **data)
-    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
+    atomic_write_text(out / f"{name}.json", json.dumps(record, indent=2))
     print(f"\nMachine: {machine}\nSetting: {setting}\n\n{table}\n\nwrote {out}/{name}.md, .json, .png")
     return out
