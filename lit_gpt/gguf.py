@@ -145,7 +145,8 @@ def _rope_scaling(reader, arch: str, head_size: int, rope_base: float) -> dict |
     """Llama 3's rope scaling parameters, recovered from the per-frequency divisors in `rope_freqs.weight`.
 
     The divisors are 1 for short wavelengths, `factor` for long ones, and 1 / ((1 - s) / factor + s) in between,
-    where s is linear in context / wavelength; two in-between frequencies fix the line, hence the parameters.
+    where s is linear in context / wavelength; two in-between frequencies fix the line, hence the parameters
+    (with fewer, Meta's ratio high_freq_factor / low_freq_factor = 4 is assumed).
     Only the ratios context / low_freq_factor and context / high_freq_factor matter, so the context is taken
     from the metadata, or is 8192 as llama.cpp's converter assumes. The result is checked against the tensor.
     """
@@ -163,12 +164,16 @@ def _rope_scaling(reader, arch: str, head_size: int, rope_base: float) -> dict |
     context = int(_field(reader, f"{arch}.rope.scaling.original_context_length", 8192))
     wavelengths = 2 * math.pi / rope_frequencies(head_size, rope_base).double()
     between = (divisors > 1) & (divisors < factor)
-    low, high = 1.0, 4.0  # Meta's values, for when too few frequencies lie in between to tell
-    if between.sum() >= 2:
-        x = context / wavelengths[between]
-        s = (1 / divisors[between] - 1 / factor) / (1 - 1 / factor)
+    x = context / wavelengths[between]
+    s = (1 / divisors[between] - 1 / factor) / (1 - 1 / factor)
+    if len(x) >= 2:
         slope, intercept = np.polyfit(x.numpy(), s.numpy(), 1)
         low, high = -intercept / slope, (1 - intercept) / slope
+    elif len(x) == 1:  # one equation for two unknowns: assume Meta's high_freq_factor = 4 * low_freq_factor
+        low = (x[0] / (3 * s[0] + 1)).item()
+        high = 4 * low
+    else:  # nothing in between to tell: Meta's values, if they fit
+        low, high = 1.0, 4.0
     scaling = dict(rope_type="llama3", factor=_rounded(factor), low_freq_factor=_rounded(low),
                    high_freq_factor=_rounded(high), original_max_position_embeddings=context)
     try:

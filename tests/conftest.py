@@ -27,6 +27,7 @@ TINY_HF_CONFIGS = {
                          rope_theta=100000.0, tie_word_embeddings=True),
 }
 
+
 def _llama3_scaling(factor: float, high_freq_factor: float, original: int) -> dict:
     return dict(rope_type="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=high_freq_factor,
                 original_max_position_embeddings=original)
