@@ -38,6 +38,13 @@ _ROPE_FREQS = "rope_freqs.weight"
 # llama.cpp's converter reorders q and k rows for the llama architecture only; qwen2 keeps HF's order.
 _ARCHITECTURES = ("llama", "qwen2")
 
+# The split regexes of the tokenizer.json files that GGUF's `tokenizer.ggml.pre` names (Llama 3: digits in
+# threes; Qwen2: digits one by one), run before the byte-level step as those files do.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")
+_SPLIT_REGEXES = {**dict.fromkeys(_LLAMA3_PRE, _LLAMA3_SPLIT), "qwen2": _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")}
+
 # llama.cpp's token types (gguf.TokenType); SentencePiece numbers its piece types the same way.
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
@@ -327,17 +334,25 @@ def write_gguf_tokenizer(reader, checkpoint_dir: Path) -> list[Path]:
 
 
 def _write_byte_level_bpe(reader, tokens: list[str], token_types: list[int], path: Path) -> Path:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     # Merges are stored as "left right"; byte-level tokens spell spaces as "Ġ", so one split is safe.
     merges = [tuple(merge.split(" ", 1)) for merge in _field(reader, "tokenizer.ggml.merges") or []]
     vocab = {token: index for index, token in enumerate(tokens)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     pre = _field(reader, "tokenizer.ggml.pre")
+    # Llama 3's tokenizer.json takes a whole word from the vocabulary before trying merges (as llama.cpp does).
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
+                                     ignore_merges=pre in _LLAMA3_PRE))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":
         # SmolLM2 (like StarCoder) splits every digit on its own before the GPT-2 regex.
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in _SPLIT_REGEXES:
+        split = pre_tokenizers.Split(Regex(_SPLIT_REGEXES[pre]), behavior="isolated", invert=False)
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        if pre == "qwen2":
+            tokenizer.normalizer = normalizers.NFC()
     else:
         if pre not in (None, "default", "gpt-2"):
             warnings.warn(f"GGUF pre-tokenizer {pre!r} is approximated by GPT-2's split; a few texts may "

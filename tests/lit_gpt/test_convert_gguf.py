@@ -93,7 +93,7 @@ def tiny_gpt2_vocab(size: int) -> tuple[list[str], list[int], list[str]]:
 
 
 def write_gguf(path: Path, hf_model, qtype=Q.F32, tokenizer: str = "gpt2", arch: str = "llama",
-               sliding_window: int | None = None) -> Path:
+               sliding_window: int | None = None, pre: str = "smollm") -> Path:
     """The file llama.cpp's converter writes: llama (LLaMA 1-3, Mistral) or qwen2 metadata, names and tensors."""
     config = hf_model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -118,7 +118,7 @@ def write_gguf(path: Path, hf_model, qtype=Q.F32, tokenizer: str = "gpt2", arch:
         writer.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(config))
     tokens, types, merges = tiny_gpt2_vocab(config.vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -381,3 +381,19 @@ def test_rope_freqs_that_are_not_llama3_scaling_are_refused(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(UserError, match="does not follow Llama 3's rope scaling"):
         convert_gguf_checkpoint(path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("pre, pieces", [
+    # Llama 3 cuts digits in threes, Qwen2 one by one; both keep a space before a digit on its own, and newlines
+    # with the punctuation before them.
+    ("llama-bpe", ["I", "'ve", "Ġ", "123", "45", "Ġcats", "!!Ċ"]),
+    ("qwen2", ["I", "'ve", "Ġ", "1", "2", "3", "4", "5", "Ġcats", "!!Ċ"]),
+])
+def test_llama3_and_qwen2_pre_tokenizers_split_like_their_tokenizer_json(tmp_path, pre, pieces):
+    hf_model = make_hf_model("llama2-mha")
+    convert_gguf_checkpoint(write_gguf(tmp_path / "model.gguf", hf_model, pre=pre), tmp_path / "out")
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tokenizer = HFTokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    split = tokenizer.pre_tokenizer.pre_tokenize_str("I've 12345 cats!!\n")
+    assert [piece for piece, _ in split] == pieces
