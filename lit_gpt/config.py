@@ -275,7 +275,7 @@ def _presets() -> list[Config]:
     for name in ("Mistral-7B-v0.3", "Mistral-7B-Instruct-v0.3"):
         configs.append(Config(name=name, hf_repo_id=f"mistralai/{name}", **_MISTRAL_7B, vocab_size=32768,
                               rope_base=1000000.0))
-    # The base models' config.json allows longer contexts than the Instruct ones (32768).
+    # The 1.5B and 7B base models' config.json allows longer contexts than the Instruct ones (32768).
     for suffix, long_context in (("", 131072), ("-Instruct", 32768)):
         configs += [
             Config(name=f"Qwen2.5-0.5B{suffix}", hf_repo_id=f"Qwen/Qwen2.5-0.5B{suffix}", **_QWEN2_5,
