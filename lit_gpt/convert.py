@@ -6,7 +6,6 @@ HF stores q, k and v as three matrices (and three bias vectors in Qwen2); lit_gp
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from collections.abc import Callable, Iterator
@@ -15,14 +14,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from lit_gpt.config import PRESETS, Config
 from lit_gpt.utils import (
     UserError,
-    atomic_path,
     atomic_save,
-    atomic_write_text,
     check_checkpoint_dir,
     load_state_dict,
     parse_dtype,
@@ -76,8 +72,14 @@ def convert_hf_checkpoint(checkpoint_dir: Path, model_name: str | None = None, d
 
 
 
-def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, checkpoint_file: Path | None = None) -> Path:
-    """Write `model.safetensors` and `config.json` for `transformers.LlamaForCausalLM` (see `setup`)."""
+def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, checkpoint_file: Path | None = None,
+                           max_shard_size: str | int = "5GB") -> Path:
+    """Write an HF folder for `transformers.AutoModelForCausalLM`: shards, config and tokenizer files (see `setup`).
+
+    Returns `model.safetensors`, or `model.safetensors.index.json` when the weights took several shards.
+    """
+    from lit_gpt.hf_folder import check_output_dir, write_hf_folder
+
     checkpoint_dir = check_checkpoint_dir(Path(checkpoint_dir), needs=("lit_config.json",))
     config = Config.from_checkpoint(checkpoint_dir)
     if config.parallel_residual or config.norm_class_name != "RMSNorm" or config.mlp_class_name != "LLaMAMLP":
@@ -85,13 +87,12 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, checkpoint_fi
     weights = Path(checkpoint_file) if checkpoint_file else checkpoint_dir / "lit_model.pth"
     if not weights.is_file():
         raise UserError(f"{weights} does not exist: pass --checkpoint_file or convert the model first")
+    check_output_dir(output_dir, checkpoint_dir)  # before any weight is read
     hf_state_dict = convert_lit_state_dict(load_state_dict(weights), config)
-    output_dir = Path(output_dir)
-    with atomic_path(output_dir / "model.safetensors") as tmp:
-        save_file(hf_state_dict, str(tmp), metadata={"format": "pt"})
     dtype = next(iter(hf_state_dict.values())).dtype if hf_state_dict else torch.float32
-    atomic_write_text(output_dir / "config.json", json.dumps(hf_config_dict(config, dtype), indent=2))
-    return output_dir / "model.safetensors"
+    folder = write_hf_folder(hf_state_dict, hf_config_dict(config, dtype), output_dir, checkpoint_dir, max_shard_size)
+    single = folder / "model.safetensors"  # the weights file when they fit one shard, else the shards' index
+    return single if single.is_file() else folder / "model.safetensors.index.json"
 
 
 

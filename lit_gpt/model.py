@@ -123,8 +123,8 @@ class Block(nn.Module):
         self.mlp = build_mlp(config)
         self.parallel_residual = config.parallel_residual
         # Their backward FLOPs, which allocation weighs, come from the cost model (lit_gpt/flops.py) at training time.
-        self.dropbp_attn = DropBP(self.attention_branch, modules=(self.norm_1, self.attn))
-        self.dropbp_mlp = DropBP(self.mlp_branch, modules=(self.norm_2, self.mlp))
+        self.dropbp_attn = DropBP(self.attention_branch, modules=(self.norm_1, self.attn), kind="attention")
+        self.dropbp_mlp = DropBP(self.mlp_branch, modules=(self.norm_2, self.mlp), kind="mlp")
         self.keep, self.branch_scale = True, 1.0  # set per micro-batch by Progressive Layer Dropping
 
     def attention_branch(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:
