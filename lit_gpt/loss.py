@@ -51,6 +51,12 @@ def chunked_next_token_loss(model: nn.Module, hidden: torch.Tensor, labels: torc
     return total / (targets != IGNORE_INDEX).sum()
 
 
+def chunk_tokens(model: nn.Module) -> int | None:
+    """Tokens per chunk of `chunked_next_token_loss` on `model`, or None when its head gets the full logits."""
+    head = _head(getattr(model, "module", model))
+    return None if head is None else max(1, CHUNK_ELEMENTS // head[0].size(0))
+
+
 def _head(gpt: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float] | None:
     """(weight, lora_A, lora_B, scale) of the model's head; the embedding table for tied models."""
     head = gpt.lm_head
