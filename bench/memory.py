@@ -418,8 +418,8 @@ class Counter:
         logits, every length, solved from counts at seq_len and 2·seq_len; with the chunked loss, the lengths
         with the same number of chunks, solved from counts at the segment's ends, moving to the neighbouring
         segment until the answer lies inside one (the peak grows with T). The answer is confirmed by counting the
-        binding draw at T* and T* + 1: T* must fit, and match the affine prediction, and T* + 1 must not. If
-        anything disagrees, falls back to bisection over counts.
+        binding draw at T*: it must fit and match the affine prediction, and T* + 1 must not fit (predicted within
+        T*'s segment, counted when it starts the next). If anything disagrees, falls back to bisection over counts.
         """
         available = budget - static
 
@@ -428,7 +428,9 @@ class Counter:
 
         solved = []
         for d in draws:
-            found = self._solve(lambda n, d=d: count(d, n), available, seq_len)
+            # Draws differ little: each starts from the previous one's answer (with the chunked loss, its segment).
+            start = min(solved)[0] if solved and min(solved)[0] >= 2 else seq_len
+            found = self._solve(lambda n, d=d: count(d, n), available, seq_len, start)
             if found is None:
                 break
             solved.append((found[0], d, found[1]))
@@ -436,20 +438,24 @@ class Counter:
             t, binding, lines = min(solved)
             if t < 2:
                 return dict(longest=0, binding_draw=binding, solved="affine")
-            at, after = count(binding, t).peak, count(binding, t + 1).peak
+            at = count(binding, t).peak
+            # T* + 1 is predicted inside T*'s segment, and counted when it starts the next one
+            after = count(binding, t + 1).peak if self.segment(t)[1] == t else max(c + s * (t + 1) for c, s in lines)
             if at == max(c + s * t for c, s in lines) and at <= available < after:
-                return dict(longest=t, binding_draw=binding, solved="affine, confirmed at T* and T*+1")
+                return dict(longest=t, binding_draw=binding, solved="affine, confirmed at T*")
         t = bisect_longest(lambda n: all(count(d, n).peak <= available for d in draws), seq_len)
         return dict(longest=t, binding_draw=None, solved="bisection over counts")
 
-    def _solve(self, count: Callable[[int], StepCount], available: int,
-               seq_len: int) -> tuple[int, list[tuple[int, int]]] | None:
-        """(T*, the affine lines of T*'s segment) for one draw, or None when the counts do not allow the solve."""
+    def _solve(self, count: Callable[[int], StepCount], available: int, seq_len: int,
+               start: int) -> tuple[int, list[tuple[int, int]]] | None:
+        """(T*, the affine lines of T*'s segment) for one draw, or None when the counts do not allow the solve.
+
+        With the chunked loss the walk starts at `start`'s segment."""
         if self.chunk is None:
             lines = affine_lines(count(seq_len), count(2 * seq_len))
             t, ok = affine_longest(count(seq_len), count(2 * seq_len), available)
             return (t, lines) if ok else None
-        start, too_long = seq_len, set()  # segments whose first length does not fit
+        too_long = set()  # first lengths of segments that do not fit
         for _ in range(64):
             lo, hi = self.segment(start)
             if hi <= lo:

@@ -164,7 +164,7 @@ def test_longest_sequence_across_the_chunked_losss_chunks(monkeypatch):
     draws = [0, 1]
     for extra in (2**20, 3 * 2**20):
         result = counter.longest(0.5, draws, static, static + extra, 32)
-        assert result["solved"] == "affine, confirmed at T* and T*+1"
+        assert result["solved"] == "affine, confirmed at T*"
         t = result["longest"]
         assert t > 40  # past the first length's run of lengths
         assert t == memory.bisect_longest(
@@ -175,7 +175,7 @@ def test_chunked_loss_lowers_the_step_peak_of_a_large_vocabulary():
     config = replace(TINY, vocab_size=32000, padded_vocab_size=32000, tie_embeddings=True)
     peaks = {flag: memory.Counter(config, "lora", torch.float32, 0, "bnb.nf4", 2, chunked_loss=flag).count(0.0, 0, 64)
              for flag in (True, False)}
-    logits = 2 * 64 * 32000 * 4  # one (tokens x vocab) fp32 tensor
+    logits = 2 * 63 * 32000 * 4  # one (tokens x vocab) fp32 tensor, every position but the last
     assert peaks[False].peak - peaks[True].peak >= logits
     assert peaks[False].saved - peaks[True].saved >= logits  # the full path saves its log-probabilities
 
@@ -212,8 +212,9 @@ def test_main_writes_its_tables_and_plots(tmp_path, monkeypatch):
         assert rows[method, 0.875]["saved"] < rows[method, 0.0]["saved"]
         assert rows[method, 0.875]["longest"] > rows[method, 0.0]["longest"] > 0
         assert rows[method, 0.875]["longest_ratio"] > 1
-        assert rows[method, None]["pld_theta"] == 0.5  # PLD at θ̄ = 0.5 (the default), dropping whole blocks
-        assert rows[method, None]["saved"] < rows[method, 0.0]["saved"]
+        # PLD at θ̄ = 0.5 (the default); the peak over its draws: with 2 blocks, a draw may keep both.
+        assert rows[method, None]["pld_theta"] == 0.5
+        assert rows[method, None]["saved"] <= rows[method, 0.0]["saved"]
     assert result["cross_checks"] and all(c["equal"] for c in result["cross_checks"])
     text = (out / "memory.md").read_text()
     assert "Machine:" in text and "Command: `python -m bench.memory" in text and "| full | 0.875 |" in text
