@@ -19,7 +19,7 @@ import torch.nn as nn
 from dropbp import DropBPHandler
 from dropbp.allocation import ALLOCATORS, UnreachableTarget
 from lit_gpt.flops import CostModel
-from lit_gpt.loss import next_token_loss
+from lit_gpt.loss import chunked_next_token_loss, next_token_loss
 from lit_gpt.methods.base import RunContext, TrainingMethod
 from lit_gpt.utils import UserError
 
@@ -167,6 +167,10 @@ class DropBP(TrainingMethod):
         On several ranks, each rank runs its share of the batch and every parameter gradient the measurement
         takes is averaged over the ranks (`run.whole_model`): the norms are those of the whole batch's full
         gradients, as one process would measure them, and every rank allocates the same rates.
+
+        The loss is the training loss: with `--train.chunked_loss` the head and the loss run a chunk at a time, in
+        the variant that recomputes the chunks in every backward, because the measurement backpropagates the one
+        forward many times.
         """
         input_ids, labels = run.calibration_batch(self.calibration_batch_size, self.seed + run.step)
 
@@ -175,7 +179,11 @@ class DropBP(TrainingMethod):
 
         with run.whole_model() as model:
             def calibration_loss() -> torch.Tensor:
-                loss = next_token_loss(model(input_ids), labels)
+                if run.chunked_loss:
+                    hidden = model(input_ids, return_hidden=True)
+                    loss = chunked_next_token_loss(model, hidden, labels, recompute=True)
+                else:
+                    loss = next_token_loss(model(input_ids), labels)
                 run.check_loss(loss)
                 return loss
 
