@@ -192,6 +192,41 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny, t
     assert not list(out_dir.glob(".*partial"))
 
 
+
+def make_loss_infinite(monkeypatch, module, name: str, from_call: int) -> None:
+    """From its `from_call`-th call on, `module.name` returns the true loss times +inf: infinite, not NaN."""
+    true_loss, calls = getattr(module, name), []
+
+    def infinite_loss(*args, **kwargs):
+        calls.append(1)
+        loss = true_loss(*args, **kwargs)
+        return loss * float("inf") if len(calls) >= from_call else loss
+
+    monkeypatch.setattr(module, name, infinite_loss)
+
+
+@pytest.mark.parametrize("where", ["training", "calibration"])
+def test_infinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch, capsys,
+                                                                              where):
+    # A check for NaN alone (`loss != loss`) would let +inf through: Adam would then turn the weights into NaN.
+    import lit_gpt.loss
+    import lit_gpt.methods.dropbp
+
+    if where == "training":  # two micro-batches per step: the third call is step 2's first micro-batch
+        make_loss_infinite(monkeypatch, lit_gpt.loss, "chunked_next_token_loss", from_call=3)
+    else:  # calibration runs at step 1 of 10 (10 %), before that step's micro-batches
+        make_loss_infinite(monkeypatch, lit_gpt.methods.dropbp, "next_token_loss", from_call=1)
+    out_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        cli("lora", argv=flags(tiny, out_dir, "--train.save_interval", "1", "--train.sample_tokens", "0"))
+    assert exit_info.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: the training loss became inf at optimizer step 2; "), line
+    assert f"the last good checkpoint is {out_dir / 'step-000001'}" in line and "--resume auto" in line, line
+    assert [p.name for p in step_checkpoints(out_dir)] == ["step-000001"]
+    assert not (out_dir / "final").exists()
+
+
 # ---------------------------------------------------------------------- the real model
 @pytest.mark.slow
 def test_lora_on_real_smollm2_and_wordnet_lowers_the_validation_loss(smollm2_dir, tmp_path):
