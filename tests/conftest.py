@@ -112,6 +112,16 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: float 
     )
 
 
+def script_main(name: str):
+    """The module of `scripts/<name>.py`, to run its function in-process (seconds, not a new interpreter)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     """The script failed with a single `error: ...` line naming what to do, and no traceback."""
     assert result.returncode != 0, result.stdout
