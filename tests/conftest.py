@@ -132,6 +132,20 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in lines[0], lines[0]
 
 
+def assert_plot(path: Path, width_inches: float, height_inches: float, dpi: int) -> None:
+    """`path` decodes as a PNG of the figure's size in pixels, with data drawn on it, not only axes and text.
+
+    The data (bars, lines) is in colour; empty axes, ticks and labels are black, grey and white only.
+    """
+    from matplotlib.image import imread
+
+    image = imread(path)[..., :3]  # raises on a file that is not a whole PNG
+    assert image.shape[:2] == (round(height_inches * dpi), round(width_inches * dpi)), image.shape
+    coloured = (image.max(axis=-1) - image.min(axis=-1) > 0.2).mean()
+    ink = (image < 0.9).any(axis=-1).mean()  # pixels that are not (near) white
+    assert coloured > 0.001 and ink < 0.9, (coloured, ink)
+
+
 # ---------------------------------------------------------------------- what a fine-tuning run left behind
 def logged_runs(out_dir: Path) -> list[list[dict]]:
     """The rows of every `logs/csv/version_N/metrics.csv` in `out_dir`, one list per launch, oldest first."""

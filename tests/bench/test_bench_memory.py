@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bench import memory
-from conftest import ROOT, assert_one_line_error
+from conftest import ROOT, assert_one_line_error, assert_plot
 from lit_gpt.config import Config
 from lit_gpt.utils import UserError
 
@@ -167,7 +167,8 @@ def test_main_writes_its_tables_and_plots(tmp_path, monkeypatch):
     text = (out / "memory.md").read_text()
     assert "Machine:" in text and "Command: `python -m bench.memory" in text and "| full | 0.875 |" in text
     assert json.loads((out / "memory.json").read_text())["rows"][0]["method"] == "full"
-    assert (out / "memory_breakdown.png").stat().st_size > 0 and (out / "memory_longest.png").stat().st_size > 0
+    assert_plot(out / "memory_breakdown.png", max(6.0, 0.62 * len(result["rows"]) + 1.5), 4.6, dpi=120)
+    assert_plot(out / "memory_longest.png", 6.4, 4.4, dpi=120)
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
