@@ -78,15 +78,19 @@ def smollm2_checkpoint(work_dir: Path) -> Path:
     return checkpoint_dir
 
 
-def wordnet_data(checkpoint_dir: Path, work_dir: Path, max_samples: int, test_size: int, seed: int = 42) -> Path:
-    """`scripts/prepare_wordnet.py` data for `checkpoint_dir`'s tokenizer, cached in `work_dir` by model, size, seed.
+def wordnet_data(checkpoint_dir: Path, work_dir: Path, max_samples: int, test_size: int, seed: int = 42,
+                 mask_inputs: bool = False, prompt_style: str = "alpaca") -> Path:
+    """`scripts/prepare_wordnet.py` data for `checkpoint_dir`'s tokenizer, cached in `work_dir` by model, size, seed,
+    whether the prompt is masked out of the loss (`mask_inputs`) and the prompt style.
 
     The script's `prepare` (a seeded sample of `lit_gpt.data.read_wordnet`'s records, handed to
     `lit_gpt.data.prepare_instruction_data`) is loaded from its file, so that the sample is drawn by the one copy
     of that code: `scripts/` is a folder of command-line tools, not a package.
     """
     # one folder per tokenizer
-    data_dir = Path(work_dir) / "data" / f"wordnet-{Path(checkpoint_dir).name}-{max_samples}-{test_size}-{seed}"
+    name = f"wordnet-{Path(checkpoint_dir).name}-{max_samples}-{test_size}-{seed}" + ("-masked" if mask_inputs else "")
+    name += "" if prompt_style == "alpaca" else f"-{prompt_style}"
+    data_dir = Path(work_dir) / "data" / name
     if not (data_dir / "test.pt").is_file():
         import importlib.util
 
@@ -95,7 +99,7 @@ def wordnet_data(checkpoint_dir: Path, work_dir: Path, max_samples: int, test_si
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.prepare(checkpoint_dir, destination_path=data_dir, max_samples=max_samples, test_size=test_size,
-                       seed=seed)
+                       seed=seed, mask_inputs=mask_inputs, prompt_style=prompt_style)
     return data_dir
 
 
@@ -127,13 +131,13 @@ def finetune_run(kind: str, argv: list[str], threads: int | None = None):
     return trainer
 
 
-def detached_handler(model: GPT, seed: int) -> DropBPHandler:
+def detached_handler(model: GPT, seed: int, **options) -> DropBPHandler:
     """A `DropBPHandler` without its forward hook: decisions are drawn only by `handler.draw(step=i)`.
 
     A benchmark repeats or replays chosen decisions (and draws them outside fake-tensor contexts); the hook would
-    draw the next decision in every training forward.
+    draw the next decision in every training forward. `options` go to `DropBPHandler`.
     """
-    handler = DropBPHandler(model, seed=seed)
+    handler = DropBPHandler(model, seed=seed, **options)
     handler.remove()
     return handler
 
@@ -157,11 +161,14 @@ def write_results(out: Path, name: str, machine: str, setting: str, table: str, 
     """Write `<name>.md` (machine, setting, the exact command, the table) and `<name>.json`, and print the table."""
     import json
 
+    from lit_gpt.utils import atomic_write_text
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     command = command_line(name)
-    (out / f"{name}.md").write_text(f"Machine: {machine}\n\nSetting: {setting}\n\nCommand: `{command}`\n\n{table}\n")
+    report = f"Machine: {machine}\n\nSetting: {setting}\n\nCommand: `{command}`\n\n{table}\n"
+    atomic_write_text(out / f"{name}.md", report)
     record = dict(machine=machine, setting=setting, command=command, **data)
-    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
+    atomic_write_text(out / f"{name}.json", json.dumps(record, indent=2))
     print(f"\nMachine: {machine}\nSetting: {setting}\n\n{table}\n\nwrote {out}/{name}.md, .json, .png")
     return out

@@ -41,6 +41,37 @@ from lit_gpt.utils import UserError, run_cli
 REAL_MODEL = "SmolLM2-135M-Instruct"
 
 
+def real_checkpoint(model_name: str, checkpoint_dir: Path | None, work_dir: Path) -> Path:
+    """`checkpoint_dir`, or the real SmolLM2-135M-Instruct converted into `work_dir` when none is given."""
+    if checkpoint_dir is not None:
+        return checkpoint_dir
+    if model_name != REAL_MODEL:
+        raise UserError(f"--model_name {model_name}: pass its converted folder as --checkpoint_dir")
+    return smollm2_checkpoint(work_dir)
+
+
+def wordnet_samples(checkpoint_dir: Path, work_dir: Path, count: int, max_seq_length: int,
+                    start: int = 0) -> list[dict]:
+    """`count` WordNet training samples from `start` on, cut to `max_seq_length` tokens."""
+    data = torch.load(wordnet_data(checkpoint_dir, work_dir, 2000, 100) / "train.pt")
+    return [{k: s[k][:max_seq_length] for k in ("input_ids", "labels")} for s in data[start:start + count]]
+
+
+def lora_model(checkpoint_dir: Path, device: torch.device, lora_b_std: float, seed: int):
+    """The checkpoint with LoRA adapters (r 8, alpha 16), in training mode, B drawn from N(0, lora_b_std).
+
+    LoRA's B starts at zero, which leaves A without a gradient; small random values stand for a few trained steps.
+    """
+    model = load_model(checkpoint_dir).to(device)
+    torch.manual_seed(seed)  # LoRA's A and B
+    prepare_for_finetuning(model, "lora", LoRAConfig(), device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0.0, lora_b_std)
+    return model.train()
+
+
 def branch_gradients(model, handler: DropBPHandler, input_ids, labels, drop_rate: float, draw: int):
     """Per-branch flattened gradients of the trainable weights, and which branches were dropped.
 
@@ -142,21 +173,10 @@ def main(
     if draws < 1 or batch_size < 1:
         raise UserError("--draws and --batch_size must be at least 1")
     torch_device = resolve_device(device)
-    if checkpoint_dir is None:
-        if model_name != REAL_MODEL:
-            raise UserError(f"--model_name {model_name}: pass its converted folder as --checkpoint_dir")
-        checkpoint_dir = smollm2_checkpoint(work_dir)
-    data = torch.load(wordnet_data(checkpoint_dir, work_dir, 2000, 100) / "train.pt")
-    samples = [{k: s[k][:max_seq_length] for k in ("input_ids", "labels")} for s in data[:batch_size]]
+    checkpoint_dir = real_checkpoint(model_name, checkpoint_dir, work_dir)
+    samples = wordnet_samples(checkpoint_dir, work_dir, batch_size, max_seq_length)
     input_ids, labels = (t.to(torch_device) for t in collate(samples))
-    model = load_model(checkpoint_dir).to(torch_device)
-    torch.manual_seed(seed)  # LoRA's A and B
-    prepare_for_finetuning(model, "lora", LoRAConfig(), device=torch_device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0.0, lora_b_std)
-    model.train()
+    model = lora_model(checkpoint_dir, torch_device, lora_b_std, seed)
     handler = detached_handler(model, seed=seed)
     rows = measure(model, handler, input_ids, labels, drop_rates, draws)
 

@@ -75,7 +75,8 @@ from dropbp import DropBPHandler
 from lit_gpt.build import prepare_for_finetuning
 from lit_gpt.config import Config
 from lit_gpt.lora import LoRAConfig, LoRALinear
-from lit_gpt.loss import forward_backward, next_token_loss
+from lit_gpt.loss import chunk_tokens, chunked_next_token_loss, forward_backward, next_token_loss
+from lit_gpt.methods.pld import ProgressiveLayerDrop
 from lit_gpt.model import GPT
 from lit_gpt.utils import UserError, parse_dtype, run_cli
 
@@ -159,6 +160,28 @@ def draw(handler: DropBPHandler, p: float, index: int) -> None:
     handler.draw(step=index)
 
 
+def make_pld(model: GPT, theta: float, seed: int) -> ProgressiveLayerDrop:
+    """PLD held at keep level `theta` (θ̄, the end of its schedule), without its hook: `decide` draws."""
+    pld = ProgressiveLayerDrop(model, theta_bar=theta, gamma=0.0, seed=seed)
+    pld.remove()
+    pld.set_theta(theta)
+    return pld
+
+
+def decide(handler: DropBPHandler, pld: ProgressiveLayerDrop | None, p: float | None, index: int) -> None:
+    """Decision `index` of DropBP at rate p, or, with `pld` (and p None), of PLD at its held keep level."""
+    draw(handler, 0.0 if pld is not None else p, index)
+    if pld is not None:
+        pld.draw(step=index)
+
+
+def training_loss(model: GPT, ids: torch.Tensor, chunked_loss: bool) -> torch.Tensor:
+    """The loop's loss (`lit_gpt.loss.forward_backward`): the chunked head + loss, or the full logits."""
+    if chunked_loss:
+        return chunked_next_token_loss(model, model(ids, return_hidden=True), ids)
+    return next_token_loss(model(ids), ids)
+
+
 def storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
@@ -223,6 +246,8 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         tensors = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         if tensors:
+            # A sparse tensor (the tied embedding's gradient in full fine-tuning) lives in its indices and values.
+            tensors = [part for t in tensors for part in ([t._indices(), t._values()] if t.is_sparse else [t])]
             for t in tensors:
                 storage = t.untyped_storage()
                 key = storage._cdata
@@ -245,21 +270,22 @@ class StepCount:
     ops: list[str]
 
 
-def micro_batch(model: GPT, handler: DropBPHandler, ids: torch.Tensor) -> None:
+def micro_batch(model: GPT, handler: DropBPHandler, ids: torch.Tensor, chunked_loss: bool = True) -> None:
     """One training micro-batch, the loop's own (`lit_gpt.loss.forward_backward`); the loss is not kept."""
-    forward_backward(model, ids, ids, skip_backward=handler.detect_non_grad)
+    forward_backward(model, ids, ids, skip_backward=handler.detect_non_grad, chunked_loss=chunked_loss)
 
 
-def count_step(model: GPT, handler: DropBPHandler, p: float, draw_index: int, seq_len: int, batch: int,
-               fake_mode=None) -> StepCount:
-    """Count one micro-batch of `seq_len` tokens at drop rate p with decision `draw_index`.
+def count_step(model: GPT, handler: DropBPHandler, p: float | None, draw_index: int, seq_len: int, batch: int,
+               fake_mode=None, chunked_loss: bool = True, pld: ProgressiveLayerDrop | None = None) -> StepCount:
+    """Count one micro-batch of `seq_len` tokens at drop rate p (or PLD's held keep level) with decision `draw_index`.
 
-    The micro-batch is `lit_gpt.loss.forward_backward`'s, spelled out: its loss (`next_token_loss`), then the
+    The micro-batch is `lit_gpt.loss.forward_backward`'s, spelled out: its loss (`training_loss`), then the
     backward unless `detect_non_grad` says nothing can learn. It cannot be called itself here: its finiteness
     check reads the loss's value, which a fake tensor does not have, and the saved bytes are read between the
-    forward and the backward.
+    forward and the backward. The chunked loss keeps its gradients on its autograd node, not as saved tensors:
+    they are in the step peak, not in `saved`.
     """
-    draw(handler, p, draw_index)  # outside the fake-tensor context: sampling needs real numbers
+    decide(handler, pld, p, draw_index)  # outside the fake-tensor context: sampling needs real numbers
     model.config.block_size = seq_len  # the RoPE table is built in the step for this length and counted there
     model._rope = None
     device = model.transformer.wte.weight.device
@@ -277,12 +303,14 @@ def count_step(model: GPT, handler: DropBPHandler, p: float, draw_index: int, se
         counter = LiveBytes(static)
         with counter:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = next_token_loss(model(ids), ids)
+                loss = training_loss(model, ids, chunked_loss)
             saved_bytes = sum(saved.values())
             if not handler.detect_non_grad():
                 loss.backward()
             del loss
     model._rope = None
+    if pld is not None:
+        pld.remove()  # every block runs again
     return StepCount(seq_len, saved_bytes, max(counter.timeline), counter.timeline, counter.ops)
 
 
@@ -326,8 +354,11 @@ def affine_peak(a: StepCount, b: StepCount, seq_len: int) -> int | None:
     return None if lines is None else max(offset + slope * seq_len for offset, slope in lines)
 
 
-def bisect_longest(fits: Callable[[int], bool], start: int, limit: int = 1 << 22) -> int:
-    """Largest T ≥ 2 with fits(T), assuming fits is monotone; 0 when even T = 2 does not fit."""
+def bisect_longest(fits: Callable[[int], bool], start: int, limit: int = 1 << 22, granularity: int = 1) -> int:
+    """Largest T ≥ 2 with fits(T), assuming fits is monotone; 0 when even T = 2 does not fit.
+
+    With `granularity` g the search stops at g tokens: T fits, and some length at most T + g does not.
+    """
     if not fits(2):
         return 0
     lo, hi = 2, max(3, start)
@@ -335,7 +366,7 @@ def bisect_longest(fits: Callable[[int], bool], start: int, limit: int = 1 << 22
         lo, hi = hi, hi * 2
         if hi > limit:
             return lo
-    while hi - lo > 1:
+    while hi - lo > granularity:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
@@ -344,56 +375,118 @@ def bisect_longest(fits: Callable[[int], bool], start: int, limit: int = 1 << 22
 class Counter:
     """Counts one method's model on fake tensors: peaks per (p, draw) at any length, and the longest sequence."""
 
-    def __init__(self, config: Config, method: str, dtype: torch.dtype, seed: int, quantize: str, batch: int):
+    def __init__(self, config: Config, method: str, dtype: torch.dtype, seed: int, quantize: str, batch: int,
+                 chunked_loss: bool = True):
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        self.method, self.batch = method, batch
+        self.method, self.batch, self.seed, self.chunked_loss = method, batch, seed, chunked_loss
         self.fake_mode = FakeTensorMode()
         self.model = build_model(config, method, dtype, torch.device("cpu"), seed, quantize, self.fake_mode)
         self.handler = make_handler(self.model, seed)
         self.static = static_bytes(self.model, method, quantize)
-        self._cache: dict[tuple[float, int, int], StepCount] = {}
+        # The chunked loss runs one more chunk every `chunk` tokens: the ops, and so the affine solve, change there.
+        self.chunk = chunk_tokens(self.model) if chunked_loss else None
+        self._pld: dict[float, ProgressiveLayerDrop] = {}
+        self._cache: dict[tuple[float | None, float | None, int, int], StepCount] = {}
 
-    def count(self, p: float, draw_index: int, seq_len: int) -> StepCount:
-        key = (p, draw_index, seq_len)
+    def pld(self, theta: float | None) -> ProgressiveLayerDrop | None:
+        if theta is not None and theta not in self._pld:
+            self._pld[theta] = make_pld(self.model, theta, self.seed)
+        return None if theta is None else self._pld[theta]
+
+    def count(self, p: float | None, draw_index: int, seq_len: int, pld_theta: float | None = None) -> StepCount:
+        """The count at DropBP rate p, or with `pld_theta` (and p None) of PLD held at that keep level."""
+        key = (p, pld_theta, draw_index, seq_len)
         if key not in self._cache:
-            self._cache[key] = count_step(self.model, self.handler, p, draw_index, seq_len, self.batch, self.fake_mode)
+            self._cache[key] = count_step(self.model, self.handler, p, draw_index, seq_len, self.batch, self.fake_mode,
+                                          self.chunked_loss, self.pld(pld_theta))
         return self._cache[key]
 
-    def longest(self, p: float, draws: list[int], static: int, budget: int, seq_len: int) -> dict:
+    def segment(self, seq_len: int) -> tuple[int, int]:
+        """The lengths that run the same ops as `seq_len`: all of them with the full logits, those with the same
+        number of loss chunks with the chunked loss (the last chunk's size is then affine in T too)."""
+        if self.chunk is None:
+            return 2, 1 << 30
+        n = -(-self.batch * seq_len // self.chunk)
+        return max(2, (n - 1) * self.chunk // self.batch + 1), n * self.chunk // self.batch
+
+    def longest(self, p: float | None, draws: list[int], static: int, budget: int, seq_len: int,
+                pld_theta: float | None = None) -> dict:
         """Longest T (tokens per sequence) whose peak fits `budget` bytes for every draw, on top of `static`.
 
-        Solved per draw from counts at seq_len and 2·seq_len, then confirmed by counting the binding draw at T*:
-        the count must equal the affine prediction there (a third length) and fit. If anything disagrees, falls
-        back to bisection over counts.
+        Every op's bytes are affine in T over a run of lengths with the same ops (`segment`): with the full
+        logits, every length, solved from counts at seq_len and 2·seq_len; with the chunked loss, the lengths
+        with the same number of chunks, solved from counts at the segment's ends, moving to the neighbouring
+        segment until the answer lies inside one (the peak grows with T). The answer is confirmed by counting the
+        binding draw at T*: it must fit and match the affine prediction, and T* + 1 must not fit (predicted within
+        T*'s segment, counted when it starts the next). If anything disagrees, falls back to bisection over counts.
         """
         available = budget - static
+
+        def count(d: int, n: int) -> StepCount:
+            return self.count(p, d, n, pld_theta)
+
         solved = []
         for d in draws:
-            t, ok = affine_longest(self.count(p, d, seq_len), self.count(p, d, 2 * seq_len), available)
-            if not ok:
+            # Draws differ little: each starts from the previous one's answer (with the chunked loss, its segment).
+            start = min(solved)[0] if solved and min(solved)[0] >= 2 else seq_len
+            found = self._solve(lambda n, d=d: count(d, n), available, seq_len, start)
+            if found is None:
                 break
-            solved.append((t, d))
+            solved.append((found[0], d, found[1]))
         if len(solved) == len(draws):
-            t, binding = min(solved)
+            t, binding, lines = min(solved)
             if t < 2:
                 return dict(longest=0, binding_draw=binding, solved="affine")
-            a, b = self.count(p, binding, seq_len), self.count(p, binding, 2 * seq_len)
-            at = self.count(p, binding, t).peak
-            if at == affine_peak(a, b, t) and at <= available < affine_peak(a, b, t + 1):
+            at = count(binding, t).peak
+            # T* + 1 is predicted inside T*'s segment, and counted when it starts the next one
+            after = count(binding, t + 1).peak if self.segment(t)[1] == t else max(c + s * (t + 1) for c, s in lines)
+            if at == max(c + s * t for c, s in lines) and at <= available < after:
                 return dict(longest=t, binding_draw=binding, solved="affine, confirmed at T*")
-        t = bisect_longest(lambda n: all(self.count(p, d, n).peak <= available for d in draws), seq_len)
+        t = bisect_longest(lambda n: all(count(d, n).peak <= available for d in draws), seq_len)
         return dict(longest=t, binding_draw=None, solved="bisection over counts")
+
+    def _solve(self, count: Callable[[int], StepCount], available: int, seq_len: int,
+               start: int) -> tuple[int, list[tuple[int, int]]] | None:
+        """(T*, the affine lines of T*'s segment) for one draw, or None when the counts do not allow the solve.
+
+        With the chunked loss the walk starts at `start`'s segment."""
+        if self.chunk is None:
+            lines = affine_lines(count(seq_len), count(2 * seq_len))
+            t, ok = affine_longest(count(seq_len), count(2 * seq_len), available)
+            return (t, lines) if ok else None
+        too_long = set()  # first lengths of segments that do not fit
+        for _ in range(64):
+            lo, hi = self.segment(start)
+            if hi <= lo:
+                return None  # fewer tokens per chunk than sequences: a segment has one length
+            if count(lo).peak > available:
+                if lo == 2:
+                    return 0, []
+                too_long.add(lo)
+                start = lo - 1
+                continue
+            lines = affine_lines(count(lo), count(hi))
+            t, ok = affine_longest(count(lo), count(hi), available)
+            if not ok or t < lo:
+                return None
+            if t < hi or hi + 1 in too_long:
+                return min(t, hi), lines
+            start = max(hi + 1, t)  # the answer lies further on: jump to the segment of the extrapolated T*
+            if self.segment(start)[0] in too_long:  # ... but not past a segment that is known not to fit
+                start = hi + 1
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- checks
 def real_cpu_count(config: Config, method: str, dtype: torch.dtype, seed: int, quantize: str, batch: int,
-                   checks: list[tuple[float, int]], seq_len: int) -> tuple[dict[str, int], list[StepCount]]:
+                   checks: list[tuple[float, int]], seq_len: int,
+                   chunked_loss: bool = True) -> tuple[dict[str, int], list[StepCount]]:
     """The same counts on a real CPU model (real 4-bit weights for QLoRA): static bytes and one count per check."""
     model = build_model(config, method, dtype, torch.device("cpu"), seed, quantize)
     handler = make_handler(model, seed)
     static = static_bytes(model, method, quantize)
-    counts = [count_step(model, handler, p, d, seq_len, batch) for p, d in checks]
+    counts = [count_step(model, handler, p, d, seq_len, batch, chunked_loss=chunked_loss) for p, d in checks]
     del model, handler
     gc.collect()
     return static, counts
@@ -429,7 +522,7 @@ def rss_probe(spec: str) -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS (building a QLoRA model peaks above it)
     draw(handler, args["p"], args["draw"])
-    micro_batch(model, handler, ids)
+    micro_batch(model, handler, ids, args["chunked_loss"])
     optimizer.step()
     gc.collect()
     before = status("VmRSS")
@@ -437,14 +530,15 @@ def rss_probe(spec: str) -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     draw(handler, args["p"], args["draw"])
-    micro_batch(model, handler, ids)
+    micro_batch(model, handler, ids, args["chunked_loss"])
     rope = sum(t.untyped_storage().nbytes() for t in model._rope)
     print(json.dumps(dict(after_build=after_build, before=before, first_peak=first_peak, peak=status("VmHWM"),
                           rope=rope)))
 
 
 def validate(config: Config, method: str, p: float, draw_index: int, dtype: torch.dtype, seed: int,
-             quantize: str, batch: int, seq_len: int, static: dict[str, int], count: StepCount) -> dict:
+             quantize: str, batch: int, seq_len: int, static: dict[str, int], count: StepCount,
+             chunked_loss: bool = True) -> dict:
     """Compare the counting model with the peak RSS of a real training step in a fresh process.
 
     glibc would keep freed activations in its heap (RSS then shows fragmentation, not live bytes), so the probe
@@ -453,7 +547,7 @@ def validate(config: Config, method: str, p: float, draw_index: int, dtype: torc
     """
     spec = json.dumps(dict(config=config.__dict__, method=method, p=p, draw=draw_index,
                            dtype=str(dtype).removeprefix("torch."), seed=seed, quantize=quantize, batch=batch,
-                           seq_len=seq_len, threads=torch.get_num_threads()))
+                           seq_len=seq_len, threads=torch.get_num_threads(), chunked_loss=chunked_loss))
     code = f"from bench.memory import rss_probe; rss_probe({spec!r})"  # run from the repository root
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env,
@@ -472,7 +566,7 @@ def validate(config: Config, method: str, p: float, draw_index: int, dtype: torc
 
 
 def memtracker_peak(model: GPT, handler: DropBPHandler, p: float, draw_index: int, seq_len: int, batch: int,
-                    fake_mode=None) -> int | None:
+                    fake_mode=None, chunked_loss: bool = True) -> int | None:
     """The step peak of `count_step`'s micro-batch as PyTorch's MemTracker sees it: its peak tensor bytes less
     what it tracked before the micro-batch (weights, gradients and the token ids, which it counts as the model's
     input). None for a model with frozen parameters (LoRA, QLoRA): MemTracker hooks every parameter's gradient,
@@ -492,7 +586,7 @@ def memtracker_peak(model: GPT, handler: DropBPHandler, p: float, draw_index: in
         tracker.track_external(model, ids, *[p.grad for p in model.parameters() if p.grad is not None])
         before = sum(snap["Total"] for snap in tracker.get_tracker_snapshot("current").values())
         with tracker:
-            loss = next_token_loss(model(ids), ids)
+            loss = training_loss(model, ids, chunked_loss)
             if not handler.detect_non_grad():
                 loss.backward()
             del loss
@@ -503,8 +597,13 @@ def memtracker_peak(model: GPT, handler: DropBPHandler, p: float, draw_index: in
 
 # ---------------------------------------------------------------------------------------------- CUDA
 def cuda_measure(config: Config, method: str, drop_rates: list[float], draws: int, dtype: torch.dtype,
-                 device: torch.device, seed: int, quantize: str, batch: int, seq_len: int, budget: int) -> list[dict]:
-    """Measured peaks at `seq_len` and the longest sequence by out-of-memory search, on one CUDA device."""
+                 device: torch.device, seed: int, quantize: str, batch: int, seq_len: int, budget: int,
+                 chunked_loss: bool = True, pld_theta: float | None = None, granularity: int = 1) -> list[dict]:
+    """Measured peaks at `seq_len` and the longest sequence by out-of-memory search, on one CUDA device.
+
+    The search runs real training micro-batches (the loop's `forward_backward`) at growing, then bisected lengths
+    until `torch.cuda.OutOfMemoryError`, to within `granularity` tokens; every draw must fit.
+    """
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
     model = build_model(config, method, dtype, device, seed, quantize, zero_grads=False)
@@ -512,9 +611,10 @@ def cuda_measure(config: Config, method: str, drop_rates: list[float], draws: in
     static = static_bytes(model, method, quantize)
     # torch's AdamW for every method (bitsandbytes' paged states live outside torch's allocator).
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    pld = make_pld(model, pld_theta, seed) if pld_theta is not None else None
 
-    def step(p: float, d: int, length: int) -> tuple[int, int, int]:
-        draw(handler, p, d)
+    def step(p: float | None, d: int, length: int) -> tuple[int, int, int]:
+        decide(handler, pld if p is None else None, p, d)
         ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
         model.config.block_size, model._rope = length, None
         saved: dict[int, int] = {}
@@ -535,7 +635,10 @@ def cuda_measure(config: Config, method: str, drop_rates: list[float], draws: in
             loss.backward()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # backward saves nothing itself
-            forward_backward(model, ids, ids, backward=backward, skip_backward=handler.detect_non_grad)
+            forward_backward(model, ids, ids, backward=backward, skip_backward=handler.detect_non_grad,
+                             chunked_loss=chunked_loss)
+        if pld is not None:
+            pld.remove()  # every block runs again
         if not saved_bytes:  # the backward was skipped
             saved_bytes = sum(n for k, n in saved.items() if k not in weights)
         torch.cuda.synchronize(device)
@@ -544,10 +647,13 @@ def cuda_measure(config: Config, method: str, drop_rates: list[float], draws: in
     step(0.0, 0, min(seq_len, 16))  # allocates gradients; the optimizer step then allocates its states
     optimizer.step()
 
-    def fits(p: float, length: int) -> bool:
+    def indices(p: float | None) -> range:
+        return range(draws if p is None or 0 < p < 1 else 1)  # p = 0 and p = 1 decide the same every time
+
+    def fits(p: float | None, length: int) -> bool:
         out_of_memory = False
         try:
-            for d in range(draws if 0 < p < 1 else 1):
+            for d in indices(p):
                 step(p, d, length)
         except torch.cuda.OutOfMemoryError:
             out_of_memory = True
@@ -557,17 +663,24 @@ def cuda_measure(config: Config, method: str, drop_rates: list[float], draws: in
         return not out_of_memory
 
     rows = []
-    for p in drop_rates:
-        results = [step(p, d, seq_len) for d in range(draws if 0 < p < 1 else 1)]
+    for p in [*drop_rates, *([None] if pld is not None else [])]:  # None: PLD held at θ̄
+        results = [step(p, d, seq_len) for d in indices(p)]
         peak, base, saved = max(results)
-        longest = bisect_longest(lambda n, p=p: fits(p, n), seq_len)
+        longest = bisect_longest(lambda n, p=p: fits(p, n), seq_len, granularity=granularity)
         # weights/grads/optimizer are counted; peak is measured (it includes the allocator's view of all three)
-        rows.append(dict(method=method, drop_rate=p, **static, saved=saved, step_peak=peak - base, peak=peak,
-                         measured_before_step=base, longest=longest, longest_solved="out-of-memory bisection"))
+        rows.append(dict(method=method, drop_rate=p, pld_theta=pld_theta if p is None else None, **static,
+                         saved=saved, step_peak=peak - base, peak=peak, measured_before_step=base, longest=longest,
+                         longest_solved=f"out-of-memory bisection to {granularity} tokens"))
     return rows
 
 
 # ---------------------------------------------------------------------------------------------- output
+def setting_label(row: dict) -> str:
+    """A row's drop rate, or PLD's held keep level."""
+    theta = row.get("pld_theta")
+    return f"PLD θ̄={theta:g}" if theta is not None else f"{row['drop_rate']:g}"
+
+
 def add_ratios(rows: list[dict]) -> None:
     base = {r["method"]: r for r in rows if r["drop_rate"] == 0.0}
     for r in rows:
@@ -584,7 +697,7 @@ def render_table(rows: list[dict], budget_gib: float) -> str:
     def mib(x):
         return f"{x / MIB:,.1f}"
 
-    body = [[r["method"], r["drop_rate"], mib(r["weights"]), mib(r["grads"]), mib(r["optimizer"]), mib(r["saved"]),
+    body = [[r["method"], setting_label(r), mib(r["weights"]), mib(r["grads"]), mib(r["optimizer"]), mib(r["saved"]),
              mib(r["step_peak"]), mib(r["peak"]), f"{r.get('peak_ratio', float('nan')):.3f}",
              f"{r['longest']:,}", f"{r.get('longest_ratio', float('nan')):.2f}×"] for r in rows]
     return markdown_table(headers, body)
@@ -596,8 +709,9 @@ def render_estimates(rows: list[dict], budget_gib: float) -> str:
     body = []
     for r in rows:
         paper = PAPER_LONGEST.get((r["model"], r["method"]))
-        i = PAPER_RATES.index(r["drop_rate"]) if paper and r["drop_rate"] in PAPER_RATES else None
-        body.append([r["model"], r["method"], r["drop_rate"], f"{r['static'] / GIB:.1f}", f"{r['longest']:,}",
+        i = PAPER_RATES.index(r["drop_rate"]) if paper and r.get("pld_theta") is None \
+            and r["drop_rate"] in PAPER_RATES else None
+        body.append([r["model"], r["method"], setting_label(r), f"{r['static'] / GIB:.1f}", f"{r['longest']:,}",
                      f"{r.get('longest_ratio', float('nan')):.2f}×", f"{paper[i] / 1e3:.1f}K" if i is not None else "–",
                      f"{paper[i] / paper[0]:.2f}×" if i is not None else "–"])
     return markdown_table(headers, body)
@@ -612,7 +726,8 @@ def plot_breakdown(rows: list[dict], path: Path, title: str) -> None:
     parts = [("weights", "weights", "#4c72b0"), ("grads", "gradients", "#55a868"),
              ("optimizer", "AdamW states", "#c44e52"), ("saved", "saved activations", "#8172b2"),
              ("transient", "other live tensors at the peak", "#ccb974")]
-    labels = [f"{r['method']}\np={r['drop_rate']:g}" for r in rows]
+    labels = [f"{r['method']}\n" + (setting_label(r) if r.get("pld_theta") is not None else f"p={r['drop_rate']:g}")
+              for r in rows]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.62 * len(rows) + 1.5), 4.6))
     bottom = [0.0] * len(rows)
     for key, label, color in parts:
@@ -641,6 +756,7 @@ def plot_longest(rows: list[dict], estimates: list[dict], path: Path, title: str
     markers = {"full": "o", "lora": "^", "qlora": "v"}
     lines = {"full": "-", "lora": "-", "qlora": "-."}  # lora and qlora can coincide: distinct lines show both
     for group, estimate in ((rows, False), (estimates, True)):
+        group = [r for r in group if r.get("pld_theta") is None]  # PLD drops whole blocks: no point on this axis
         for name in dict.fromkeys((r.get("model"), r["method"]) for r in group):
             style = markers[name[1]] + ("--" if estimate else lines[name[1]])
             points = sorted((r["drop_rate"], r.get("longest_ratio")) for r in group
@@ -679,30 +795,38 @@ def parse_pairs(values: list[str], sep: str, what: str) -> list[tuple[str, str]]
 
 
 def count_rows(config: Config, methods: list[str], drop_rates: list[float], draws: int, dtype: torch.dtype, seed: int,
-               quantize: str, batch: int, seq_len: int, budget: int,
-               log=print) -> tuple[list[dict], dict[str, Counter]]:
-    """Count every configuration on fake tensors: peak at seq_len (max over draws) and the longest sequence."""
+               quantize: str, batch: int, seq_len: int, budget: int, log=print, chunked_loss: bool = True,
+               pld_theta: float | None = None) -> tuple[list[dict], dict[str, Counter]]:
+    """Count every configuration on fake tensors: peak at seq_len (max over draws) and the longest sequence.
+
+    Returns the rows and each method's `Counter` (LoRA and QLoRA share one where their losses agree).
+    """
+    graphs: dict[tuple[str, bool], Counter] = {}
     counters: dict[str, Counter] = {}
     rows = []
     for method in methods:
         graph = "lora" if method == "qlora" else method  # a fake QLoRA is the LoRA graph with 4-bit weight bytes
-        if graph not in counters:
-            counters[graph] = Counter(config, graph, dtype, seed, quantize, batch)
-        counter = counters[graph]
+        # An untied QLoRA head is 4-bit, and gets the full logits even with the chunked loss; the fake graph's
+        # float head must too.
+        chunked = chunked_loss and not (method == "qlora" and not config.tie_embeddings)
+        if (graph, chunked) not in graphs:
+            graphs[graph, chunked] = Counter(config, graph, dtype, seed, quantize, batch, chunked)
+        counter = counters[method] = graphs[graph, chunked]
         static = counter.static if method == graph else static_bytes(counter.model, "qlora", quantize)
-        for p in drop_rates:
-            indices = list(range(draws)) if 0 < p < 1 else [0]  # p = 0 and p = 1 decide the same every time
-            counts = [counter.count(p, d, seq_len) for d in indices]
+        for p, theta in [(p, None) for p in drop_rates] + ([(None, pld_theta)] if pld_theta is not None else []):
+            # p = 0 and p = 1 decide the same every time
+            indices = list(range(draws)) if theta is not None or 0 < p < 1 else [0]
+            counts = [counter.count(p, d, seq_len, theta) for d in indices]
             worst = max(range(len(counts)), key=lambda i: counts[i].peak)
-            longest = counter.longest(p, indices, sum(static.values()), budget, seq_len)
-            rows.append(dict(method=method, drop_rate=p, **static, saved=max(c.saved for c in counts),
+            longest = counter.longest(p, indices, sum(static.values()), budget, seq_len, theta)
+            rows.append(dict(method=method, drop_rate=p, pld_theta=theta, **static, saved=max(c.saved for c in counts),
                              step_peak=counts[worst].peak, peak=sum(static.values()) + counts[worst].peak,
                              worst_draw=indices[worst], draws=len(indices),
                              best_draw_step_peak=min(c.peak for c in counts),
                              longest=longest["longest"],
                              longest_binding_draw=longest["binding_draw"], longest_solved=longest["solved"]))
-            log(f"  {method} p={p:g}: peak {rows[-1]['peak'] / MIB:,.1f} MiB, longest {longest['longest']:,} "
-                f"({longest['solved']})")
+            log(f"  {method} {setting_label(rows[-1])}: peak {rows[-1]['peak'] / MIB:,.1f} MiB, "
+                f"longest {longest['longest']:,} ({longest['solved']})")
     return rows, counters
 
 
@@ -721,6 +845,9 @@ def main(
     estimates: list[str] = ["Llama-2-7b-hf:full"],
     estimate_budget_gib: float = 80.0,
     estimate_seq_len: int = 512,
+    chunked_loss: bool = True,
+    pld_theta: float | None = 0.5,
+    search_granularity: int = 1,
     seed: int = 1234,
     out: Path = Path("bench/results/memory"),
 ) -> dict:
@@ -743,6 +870,11 @@ def main(
             micro-batch 1 (CPU only; empty to skip), e.g. Llama-2-7b-hf:full or Llama-2-70b-hf:qlora.
         estimate_budget_gib: memory budget of the estimates (the paper's A100 has 80 GB).
         estimate_seq_len: the first of the two lengths the estimates are counted at.
+        chunked_loss: the head and the loss a chunk of tokens at a time, as training runs them by default
+            (`--train.chunked_loss`); false: the full (tokens x vocab) logits.
+        pld_theta: also count Progressive Layer Dropping held at this final keep level θ̄ (the end of its schedule,
+            its least memory; its schedule starts with every block); null leaves PLD out.
+        search_granularity: on CUDA, the out-of-memory search for the longest sequence stops at this many tokens.
         seed: seed of the weights and the drop decisions.
         out: folder for memory.md, memory.json, memory_breakdown.png and memory_longest.png.
     """
@@ -760,20 +892,27 @@ def main(
         raise UserError("--seq_len must be at least 2, --micro_batch_size and --draws at least 1")
     if memory_budget_gib <= 0 or estimate_budget_gib <= 0:
         raise UserError("memory budgets must be positive (GiB)")
+    if pld_theta is not None and not 0 < pld_theta <= 1:
+        raise UserError(f"--pld_theta must lie in (0, 1], got {pld_theta}")
+    if search_granularity < 1:
+        raise UserError(f"--search_granularity must be at least 1 token, got {search_granularity}")
     from lit_gpt.quantize import check_quantize_mode
 
     check_quantize_mode(quantize)
-    validations = [(m, float(p)) for m, p in parse_pairs(validate_on, "@", "--validate_on")] if validate_on else []
+    torch_device = resolve_device(device)
+    # Validation and estimates belong to the CPU count; a CUDA run measures, and leaves them out.
+    counting = torch_device.type == "cpu"
+    validations = [(m, float(p)) for m, p in parse_pairs(validate_on, "@", "--validate_on")] \
+        if validate_on and counting else []
     for m, p in validations:
         if m not in methods or p not in drop_rates:
             raise UserError(f"--validate_on {m}@{p:g} is not among the configurations (--methods, --drop_rates)")
-    estimate_pairs = parse_pairs(estimates, ":", "--estimates") if estimates else []
+    estimate_pairs = parse_pairs(estimates, ":", "--estimates") if estimates and counting else []
     for name, m in estimate_pairs:
         Config.from_name(name)
         if m not in METHODS:
             raise UserError(f"unknown method {m!r} in --estimates: choose full, lora or qlora")
     drop_rates = sorted({float(p) for p in drop_rates})
-    torch_device = resolve_device(device)
     torch_dtype = parse_dtype(dtype) or default_dtype(torch_device)
     config = Config.from_name(model_name, block_size=seq_len)
     budget = int(memory_budget_gib * GIB)
@@ -790,14 +929,14 @@ def main(
         rows = []
         for method in methods:
             rows += cuda_measure(config, method, drop_rates, draws, torch_dtype, torch_device, seed, quantize,
-                                 micro_batch_size, seq_len, budget)
+                                 micro_batch_size, seq_len, budget, chunked_loss, pld_theta, search_granularity)
             gc.collect()  # the model and optimizer of `method` are gone: give their memory back before the next
             torch.cuda.empty_cache()
         kind = "measured"
     else:
         print(f"counting {model_name} ({dtype_name}, seq {seq_len}, micro-batch {micro_batch_size}) on fake tensors")
         rows, counters = count_rows(config, methods, drop_rates, draws, torch_dtype, seed, quantize, micro_batch_size,
-                                    seq_len, budget)
+                                    seq_len, budget, chunked_loss=chunked_loss, pld_theta=pld_theta)
         kind = "counted"
         # Cross-check: real CPU runs give exactly the fake count (p = 0 and the highest rate, first draw).
         print("cross-checking the fake-tensor count against real CPU runs")
@@ -806,9 +945,9 @@ def main(
             if method == "qlora" and not has_bitsandbytes():
                 notes.append("bitsandbytes is not installed: QLoRA not cross-checked against a real 4-bit model")
                 continue
+            graph = counters[method]
             real_static, real_counts = real_cpu_count(config, method, torch_dtype, seed, quantize, micro_batch_size,
-                                                      [(p, 0) for p in picks], seq_len)
-            graph = counters["lora" if method == "qlora" else method]
+                                                      [(p, 0) for p in picks], seq_len, graph.chunked_loss)
             fake_static = graph.static if method != "qlora" else static_bytes(graph.model, "qlora", quantize)
             for p, real in zip(picks, real_counts):
                 fake = graph.count(p, 0, seq_len)
@@ -819,7 +958,7 @@ def main(
                                    and real_static == fake_static))
                 c = checks[-1]
                 c["memtracker_peak"] = memtracker_peak(graph.model, graph.handler, p, 0, seq_len, micro_batch_size,
-                                                       graph.fake_mode)
+                                                       graph.fake_mode, graph.chunked_loss)
                 tracked = "–" if c["memtracker_peak"] is None else f"{c['memtracker_peak']:,}"
                 print(f"  {method} p={p:g}: saved real {real.saved:,} / fake {fake.saved:,} B, "
                       f"peak real {real.peak:,} / "
@@ -828,13 +967,13 @@ def main(
                       f"{'equal' if c['equal'] else 'DIFFERENT'}")
         for m, p in validations:
             row = next(r for r in rows if r["method"] == m and r["drop_rate"] == p)
-            graph = counters["lora" if m == "qlora" else m]
+            graph = counters[m]
             if m == "qlora" and not has_bitsandbytes():
                 continue
             static = {k: row[k] for k in ("weights", "grads", "optimizer")}
             print(f"validating the count against a real training step's peak RSS: {m} p={p:g} draw {row['worst_draw']}")
             validation.append(validate(config, m, p, row["worst_draw"], torch_dtype, seed, quantize, micro_batch_size,
-                                       seq_len, static, graph.count(p, row["worst_draw"], seq_len)))
+                                       seq_len, static, graph.count(p, row["worst_draw"], seq_len), graph.chunked_loss))
             v = validation[-1]
             print(f"  measured {v['measured_bytes'] / MIB:,.1f} MiB / counted {v['counted_bytes'] / MIB:,.1f} MiB = "
                   f"{v['ratio']:.3f} (micro-batch alone {v['step_ratio']:.3f})")
@@ -842,7 +981,7 @@ def main(
             print(f"estimating {name} {m} (bf16, micro-batch 1, budget {estimate_budget_gib:g} GiB) on fake tensors")
             est_config = Config.from_name(name, block_size=estimate_seq_len)
             est, _ = count_rows(est_config, [m], drop_rates, draws, torch.bfloat16, seed, quantize, 1,
-                                estimate_seq_len, int(estimate_budget_gib * GIB))
+                                estimate_seq_len, int(estimate_budget_gib * GIB), chunked_loss=chunked_loss)
             for r in est:
                 r.update(model=name, static=r["weights"] + r["grads"] + r["optimizer"])
             add_ratios(est)
@@ -850,8 +989,9 @@ def main(
 
     add_ratios(rows)
     machine = machine_description(torch_device)
+    loss = "chunked head + loss" if chunked_loss else "full logits"
     setting = (f"{model_name} shape, random weights, {dtype_name}, seq {seq_len}, micro-batch {micro_batch_size}, "
-               f"budget {memory_budget_gib:g} GiB, peak over {draws} DropBP draws, {kind}")
+               f"budget {memory_budget_gib:g} GiB, {loss}, peak over {draws} DropBP (and PLD) draws, {kind}")
     table = render_table(rows, memory_budget_gib)
     sections = [f"Machine: {machine}", f"Setting: {setting}", f"Command: `{command_line('memory')}`", table]
     if checks:

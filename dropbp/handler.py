@@ -8,9 +8,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dropbp.allocation import ALLOCATORS, dropped_fraction
+from dropbp.allocation import ALLOCATORS, droppable_mask, dropped_fraction, uniform_allocation
 from dropbp.layer import DropBP
-from dropbp.sampling import decision_generator, systematic_sample
+from dropbp.sampling import SAMPLERS, decision_generator
 from dropbp.sensitivity import Metric, SensitivityResult, measure_sensitivity
 
 
@@ -25,9 +25,29 @@ class DropBPHandler:
         model: any module containing DropBP layers.
         seed: seed of the decision generator; use the same value on every rank.
         lr_compensation: scale each branch's learning rate by 1 / (1 - p_i) in `set_lr`.
+        unbiased: scale the backward of every kept branch by 1 / (1 - p_i), so that the expected gradient is
+            the full-backprop one (below). Not with `lr_compensation`, which compensates the same drops again.
+        sampling: "systematic" (`dropbp.sampling.systematic_sample`) or "independent" coin flips per branch;
+            default: independent when `unbiased`, systematic otherwise.
+
+    Unbiasedness. Dropping changes no forward value, so every Jacobian is the same as in full backprop. With
+    m_i the keep indicator of branch i and s_i = m_i / (1 - p_i) its backward scale, every parameter gradient
+    is a sum over backward paths, each a mask-free product of Jacobians times prod_{j in S} s_j, where S is the
+    set of branch outputs the path passes through (each at most once). So the estimator is unbiased for every
+    parameter exactly when E[prod_{j in S} s_j] = 1 for every set S, which independent draws with
+    P(m_i) = 1 - p_i < 1 give. Systematic sampling has the right marginals, so E[s_j] = 1 and the paths
+    through one branch (a branch's own weights straight through the residual stream) are unbiased, but it
+    correlates the masks to fix their count: two branches at p = 0.5 are never kept together, so every path
+    through both has expectation 0 instead of its full-backprop value. Hence the independent default. Branches
+    at p_i = 1 never get a gradient; the scale makes the variance grow as p_i approaches 1.
     """
 
-    def __init__(self, model: nn.Module, seed: int = 0, lr_compensation: bool = False) -> None:
+    def __init__(self, model: nn.Module, seed: int = 0, lr_compensation: bool = False, unbiased: bool = False,
+                 *, sampling: str | None = None) -> None:
+        if unbiased and lr_compensation:
+            raise ValueError("unbiased and lr_compensation both compensate for the dropped gradient: choose one")
+        if sampling is not None and sampling not in SAMPLERS:
+            raise ValueError(f"unknown sampling {sampling!r}: choose {' or '.join(SAMPLERS)}")
         self.layers: list[DropBP] = [m for m in model.modules() if isinstance(m, DropBP)]
         if not self.layers:
             raise ValueError("the model has no DropBP layers: wrap its residual branches with dropbp.DropBP")
@@ -35,6 +55,9 @@ class DropBPHandler:
         self.seed = seed
         self.step = 0
         self.lr_compensation = lr_compensation
+        self.unbiased = unbiased
+        self._sampling = sampling
+        self.droppable: list[bool] | None = None  # None: every branch may drop
         self.sensitivities: list[float] | None = None
         self.last_calibration: SensitivityResult | None = None
         self._dropped_flops_sum = 0.0  # for the mean realised drop rate
@@ -50,9 +73,32 @@ class DropBPHandler:
     def branch_flops(self) -> list[float]:
         return [layer.flops for layer in self.layers]
 
-    def set_initial_drop_rate(self, drop_rate: float) -> None:
-        """The same rate for every branch; 1.0 always drops (for ablations)."""
-        self.set_drop_rates([drop_rate] * len(self.layers))
+    def set_initial_drop_rate(self, drop_rate: float, droppable: Sequence[bool] | None = None) -> None:
+        """The same rate for every branch; 1.0 always drops (for ablations).
+
+        With a `droppable` mask (one flag per branch, in `layers` order), only those branches drop, at the one
+        rate that makes the FLOPs-weighted mean over all branches `drop_rate` (`UnreachableTarget`, a
+        ValueError, when it would exceed 1). Later calibrations keep the restriction.
+        """
+        mask = None if droppable is None else droppable_mask(droppable, len(self.layers))
+        self.set_drop_rates(uniform_allocation(self.branch_flops, drop_rate, mask))
+        self.droppable = mask
+
+    def allocate(self, target_drop_rate: float, allocator: str = "greedy",
+                 sensitivities: Sequence[float] | None = None, **allocator_kwargs: Any) -> list[float]:
+        """Set the drop rates from an allocator of `dropbp.allocation.ALLOCATORS`, within `droppable`.
+
+        `sensitivities` default to the last calibration's, else to ones (for allocators that ignore them).
+        """
+        if allocator not in ALLOCATORS:
+            raise ValueError(f"unknown allocator {allocator!r}: choose {' or '.join(ALLOCATORS)}")
+        if sensitivities is None:
+            sensitivities = self.sensitivities or [1.0] * len(self.layers)
+        if self.droppable is not None:
+            allocator_kwargs.setdefault("droppable", self.droppable)
+        rates = ALLOCATORS[allocator](list(sensitivities), self.branch_flops, target_drop_rate, **allocator_kwargs)
+        self.set_drop_rates(rates)
+        return rates
 
     def set_drop_rates(self, drop_rates: Sequence[float]) -> None:
         if len(drop_rates) != len(self.layers):
@@ -71,6 +117,11 @@ class DropBPHandler:
             layer.flops = float(f)
 
     # ------------------------------------------------------------------ decisions
+    @property
+    def sampling(self) -> str:
+        """How `draw` samples the masks: the `sampling` argument, else independent exactly when unbiased."""
+        return self._sampling or ("independent" if self.unbiased else "systematic")
+
     def _before_forward(self, module: nn.Module, args: Any) -> None:
         if module.training and not self._calibrating:
             self.draw()
@@ -82,12 +133,19 @@ class DropBPHandler:
         """
         if step is not None:
             self.step = step
-        mask = systematic_sample(torch.tensor(self.drop_rates), decision_generator(self.seed, self.step))
+        sample = SAMPLERS[self.sampling]
+        mask = sample(torch.tensor(self.drop_rates), decision_generator(self.seed, self.step))
         for layer, dropped in zip(self.layers, mask.tolist()):
             layer.dropped = dropped
+            layer.grad_scale = self._grad_scale(layer.drop_rate, dropped)
         self.step += 1
         self._dropped_flops_sum += self.realised_drop_rate
         return mask
+
+    def _grad_scale(self, drop_rate: float, dropped: bool) -> float:
+        if not self.unbiased or dropped or drop_rate >= 1.0:
+            return 1.0
+        return 1.0 / (1.0 - drop_rate)
 
     @property
     def dropped(self) -> list[bool]:
@@ -132,6 +190,7 @@ class DropBPHandler:
 
         Under data parallelism each rank measures its own share of the calibration batch; `reduce` (e.g. an
         all-reduce mean) combines the sensitivities so that every rank allocates the same rates.
+        Branches outside `droppable` (see `set_initial_drop_rate`) keep p = 0.
         """
         if allocator not in ALLOCATORS:
             raise ValueError(f"unknown allocator {allocator!r}: choose {' or '.join(ALLOCATORS)}")
@@ -143,8 +202,7 @@ class DropBPHandler:
             self._calibrating = False
         if reduce is not None:
             result.sensitivities = [float(s) for s in reduce(result.sensitivities)]
-        rates = ALLOCATORS[allocator](result.sensitivities, self.branch_flops, target_drop_rate, **allocator_kwargs)
-        self.set_drop_rates(rates)
+        self.allocate(target_drop_rate, allocator, result.sensitivities, **allocator_kwargs)
         self.sensitivities = result.sensitivities
         self.last_calibration = result
         return result
@@ -184,6 +242,9 @@ class DropBPHandler:
             "branch_flops": self.branch_flops,
             "sensitivities": self.sensitivities,
             "lr_compensation": self.lr_compensation,
+            "unbiased": self.unbiased,
+            "droppable": self.droppable,
+            "sampling": self._sampling,
             "dropped_flops_sum": self._dropped_flops_sum,
         }
 
@@ -193,10 +254,13 @@ class DropBPHandler:
         self.set_branch_flops(state["branch_flops"])
         self.sensitivities = state["sensitivities"]
         self.lr_compensation = state["lr_compensation"]
+        self.unbiased = state.get("unbiased", False)  # absent in checkpoints written before the option existed
+        self._sampling = state.get("sampling")
+        self.droppable = state.get("droppable")
         self._dropped_flops_sum = state["dropped_flops_sum"]
 
     def remove(self) -> None:
         """Detach the forward hook; the model then never drops again."""
         self._hook.remove()
         for layer in self.layers:
-            layer.dropped = False
+            layer.dropped, layer.grad_scale = False, 1.0

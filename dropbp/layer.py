@@ -9,6 +9,19 @@ import torch
 import torch.nn as nn
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """Identity in the forward; multiplies the incoming gradient by `scale` in the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)  # a new tensor object, so autograd records this node
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
+
+
 class DropBP(nn.Module):
     """Wrap one residual branch (e.g. norm + attention) so that its backward pass can be dropped.
 
@@ -17,14 +30,19 @@ class DropBP(nn.Module):
     output is the same, but no autograd graph is built, so no activations are kept and no backward work
     happens. Eval mode never drops.
 
+    When the branch is kept and `grad_scale` is not 1 (the handler's unbiased mode sets 1 / (1 - p) at each
+    draw), the gradient flowing into the branch output is multiplied by `grad_scale` in the backward: the
+    branch's own weight gradients and the gradient it sends to its input are both scaled, the forward is not.
+
     Args:
         branch: the callable computing the branch output, typically a bound method of the host module.
         modules: the modules whose parameters the branch uses; defaults to `branch` itself when it is a module.
         flops: backward FLOPs of the branch, used to allocate drop rates (relative values are enough).
+        kind: an optional label of the branch ("attention", "mlp"), to restrict dropping to one kind.
     """
 
     def __init__(self, branch: Callable[..., torch.Tensor], modules: Sequence[nn.Module] | None = None,
-                 flops: float = 1.0) -> None:
+                 flops: float = 1.0, kind: str | None = None) -> None:
         super().__init__()
         if modules is None:
             if not isinstance(branch, nn.Module):
@@ -34,8 +52,10 @@ class DropBP(nn.Module):
         self.__dict__["branch"] = branch
         self.__dict__["branch_modules"] = tuple(modules)
         self.flops = float(flops)
+        self.kind = kind
         self.drop_rate = 0.0
         self.dropped = False  # decided per micro-batch by DropBPHandler
+        self.grad_scale = 1.0  # set per micro-batch by DropBPHandler; 1 leaves the backward untouched
         self.capture: list[torch.Tensor] | None = None  # set during sensitivity calibration
 
     def branch_parameters(self) -> Iterator[nn.Parameter]:
@@ -51,9 +71,12 @@ class DropBP(nn.Module):
             with torch.no_grad():
                 return self.branch(*args, **kwargs)
         output = self.branch(*args, **kwargs)
+        if self.training and self.grad_scale != 1.0 and output.requires_grad:
+            output = _ScaleGradient.apply(output, self.grad_scale)
         if self.capture is not None:
             self.capture.append(output)
         return output
 
     def extra_repr(self) -> str:
-        return f"drop_rate={self.drop_rate:.3f}, flops={self.flops:.3g}"
+        kind = f", kind={self.kind}" if self.kind else ""
+        return f"drop_rate={self.drop_rate:.3f}, flops={self.flops:.3g}{kind}"

@@ -33,3 +33,19 @@ def systematic_sample(drop_rates: torch.Tensor, generator: torch.Generator) -> t
     mask = torch.zeros_like(picked)
     mask[order] = picked
     return mask
+
+
+def independent_sample(drop_rates: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Draw a boolean drop mask with one independent coin flip per branch, P(mask[i]) == drop_rates[i].
+
+    The number of dropped branches varies more than with `systematic_sample`, but the masks of different
+    branches are independent: E[prod_{i in S} m_i] == prod_{i in S} E[m_i] for every set S of branches, which
+    the unbiased gradient estimator needs (see `DropBPHandler`).
+    """
+    rates = drop_rates.detach().to(torch.float64).cpu()
+    if rates.numel() and (rates.min() < 0 or rates.max() > 1):
+        raise ValueError("drop rates must lie in [0, 1]")
+    return torch.rand(rates.shape, generator=generator, dtype=torch.float64) < rates
+
+
+SAMPLERS = {"systematic": systematic_sample, "independent": independent_sample}

@@ -59,12 +59,12 @@ def measure_sensitivity(layers: Sequence[DropBP], loss_fn: Callable[[], torch.Te
     if not params:
         raise ValueError("no trainable parameters: nothing to measure")
     start = time.perf_counter()
-    saved_dropped = [layer.dropped for layer in layers]
+    saved = [(layer.dropped, layer.grad_scale) for layer in layers]
     devices = [p.device for p in params if p.device.type == "cuda"]
     try:
         with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices})):
-            for layer in layers:
-                layer.dropped, layer.capture = False, []
+            for layer in layers:  # full backprop, unscaled (the unbiased mode's scales are for training)
+                layer.dropped, layer.grad_scale, layer.capture = False, 1.0, []
             loss = loss_fn()
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise TypeError("loss_fn must return the scalar loss tensor (and must not call backward itself)")
@@ -74,8 +74,8 @@ def measure_sensitivity(layers: Sequence[DropBP], loss_fn: Callable[[], torch.Te
             else:
                 sensitivities, backward_passes = _gradnorm_variance(loss, outputs, params)
     finally:
-        for layer, dropped in zip(layers, saved_dropped):
-            layer.dropped, layer.capture = dropped, None
+        for layer, (dropped, grad_scale) in zip(layers, saved):
+            layer.dropped, layer.grad_scale, layer.capture = dropped, grad_scale, None
     return SensitivityResult(sensitivities, metric, time.perf_counter() - start, 1, backward_passes)
 
 

@@ -3,6 +3,7 @@
     python eval/lm_eval_harness.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --out base.json
     python eval/lm_eval_harness.py --lora_path out/lora/alpaca --out lora.json       # base + merged adapters
     python eval/lm_eval_harness.py --checkpoint_dir X --tasks demo_choice --include_path eval/tasks
+    python eval/lm_eval_harness.py --checkpoint_dir X --tasks wordnet_mc --include_path data/wordnet_mc  # see below
 
 What it loads: a converted checkpoint or a full fine-tune (`--checkpoint_dir`), or a LoRA/QLoRA folder
 written by finetune/*.py (`--lora_path`), whose adapters are merged into the base weights on load.
@@ -17,6 +18,7 @@ on them, and the built tasks are handed to lm-eval (its `num_fewshot` argument w
 
 Offline task YAMLs (see eval/tasks/) may give `data_files` relative to the YAML's folder; lm-eval itself would
 resolve them against the working directory, so lm-eval indexes wrappers that `include:` them with absolute paths.
+scripts/prepare_wordnet_mc.py writes such a folder: WordNet multiple choice for words the fine-tuning never saw.
 """
 
 from __future__ import annotations

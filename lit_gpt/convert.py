@@ -1,12 +1,11 @@
-"""Weight conversion between HF LLaMA checkpoints and lit_gpt's state dict.
+"""Weight conversion between HF LLaMA-style checkpoints (LLaMA 1-3, Mistral, Qwen2) and lit_gpt's state dict.
 
-HF stores q, k and v as three matrices; lit_gpt fuses them into one `attn.attn` whose rows are
-grouped per query group. Everything else is a rename (see the table in `_HF_TO_LIT`).
+HF stores q, k and v as three matrices (and three bias vectors in Qwen2); lit_gpt fuses them into one
+`attn.attn` whose rows are grouped per query group. Everything else is a rename (see the table in `_HF_TO_LIT`).
 """
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from collections.abc import Callable, Iterator
@@ -15,14 +14,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from lit_gpt.config import PRESETS, Config
 from lit_gpt.utils import (
     UserError,
-    atomic_path,
     atomic_save,
-    atomic_write_text,
     check_checkpoint_dir,
     load_state_dict,
     parse_dtype,
@@ -76,8 +72,14 @@ def convert_hf_checkpoint(checkpoint_dir: Path, model_name: str | None = None, d
 
 
 
-def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, checkpoint_file: Path | None = None) -> Path:
-    """Write `model.safetensors` and `config.json` for `transformers.LlamaForCausalLM` (see `setup`)."""
+def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, checkpoint_file: Path | None = None,
+                           max_shard_size: str | int = "5GB") -> Path:
+    """Write an HF folder for `transformers.AutoModelForCausalLM`: shards, config and tokenizer files (see `setup`).
+
+    Returns `model.safetensors`, or `model.safetensors.index.json` when the weights took several shards.
+    """
+    from lit_gpt.hf_folder import check_output_dir, write_hf_folder
+
     checkpoint_dir = check_checkpoint_dir(Path(checkpoint_dir), needs=("lit_config.json",))
     config = Config.from_checkpoint(checkpoint_dir)
     if config.parallel_residual or config.norm_class_name != "RMSNorm" or config.mlp_class_name != "LLaMAMLP":
@@ -85,13 +87,12 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, checkpoint_fi
     weights = Path(checkpoint_file) if checkpoint_file else checkpoint_dir / "lit_model.pth"
     if not weights.is_file():
         raise UserError(f"{weights} does not exist: pass --checkpoint_file or convert the model first")
+    check_output_dir(output_dir, checkpoint_dir)  # before any weight is read
     hf_state_dict = convert_lit_state_dict(load_state_dict(weights), config)
-    output_dir = Path(output_dir)
-    with atomic_path(output_dir / "model.safetensors") as tmp:
-        save_file(hf_state_dict, str(tmp), metadata={"format": "pt"})
     dtype = next(iter(hf_state_dict.values())).dtype if hf_state_dict else torch.float32
-    atomic_write_text(output_dir / "config.json", json.dumps(hf_config_dict(config, dtype), indent=2))
-    return output_dir / "model.safetensors"
+    folder = write_hf_folder(hf_state_dict, hf_config_dict(config, dtype), output_dir, checkpoint_dir, max_shard_size)
+    single = folder / "model.safetensors"  # the weights file when they fit one shard, else the shards' index
+    return single if single.is_file() else folder / "model.safetensors.index.json"
 
 
 
@@ -269,10 +270,11 @@ def convert_lit_state_dict(state_dict: dict[str, torch.Tensor], config: Config) 
 
 
 def hf_config_dict(config: Config, dtype: torch.dtype) -> dict:
-    """An HF `config.json` for `transformers.LlamaForCausalLM` describing `config`."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    """An HF `config.json` describing `config`: Qwen2 for a qkv-only bias, Mistral for a sliding window, else LLaMA."""
+    family = _hf_family(config)
+    hf = {
+        "architectures": [f"{family}ForCausalLM"],
+        "model_type": family.lower(),
         "hidden_act": "silu",
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
@@ -284,9 +286,28 @@ def hf_config_dict(config: Config, dtype: torch.dtype) -> dict:
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_base,
-        "attention_bias": config.bias,
         "tie_word_embeddings": config.tie_embeddings,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if config.rope_scaling is not None:
+        hf["rope_scaling"] = dict(config.rope_scaling)
+    if family == "Llama":
+        hf.update(attention_bias=config.bias, mlp_bias=config.bias)
+    elif family == "Mistral":
+        hf["sliding_window"] = config.sliding_window
+    else:  # Qwen2's q/k/v biases are built in; its sliding window stays off
+        hf.update(use_sliding_window=False, sliding_window=None)
+    return hf
 
 
+def _hf_family(config: Config) -> str:
+    """The transformers architecture that computes what `config` does."""
+    if config.attn_bias and not config.bias:
+        if config.sliding_window is not None:
+            raise UserError(f"{config.name}: no transformers model has both a qkv-only bias and a sliding window")
+        return "Qwen2"
+    if config.sliding_window is not None:
+        if config.bias:
+            raise UserError(f"{config.name}: transformers' Mistral has no biases; this model cannot be exported")
+        return "Mistral"
+    return "Llama"

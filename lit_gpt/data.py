@@ -162,7 +162,9 @@ def read_wordnet(wordnet_dir: Path) -> list[dict]:
     """One "define this word" record per synset of WordNet 3.0's `data.{noun,verb,adj,adv}` files.
 
     A synset line is `offset lex_filenum ss_type w_cnt (word lex_id)*w_cnt ... | gloss`; the first word names
-    the synset, and the gloss is a definition followed by `; "example"` quotes, which are dropped.
+    the synset, and the gloss is a definition followed by `; "example"` quotes, which are dropped. Besides
+    `instruction`, `input` and `output`, a record keeps the synset's `lemmas` (the named word first) and its
+    `part_of_speech`, for scripts that need the words themselves (tokenization reads only the first three).
     """
     wordnet_dir = Path(wordnet_dir)
     files = [wordnet_dir / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
@@ -179,7 +181,8 @@ def read_wordnet(wordnet_dir: Path) -> list[dict]:
                 continue
             fields, gloss = line.split(" | ", 1)
             fields = fields.split()
-            lemma = re.sub(r"\((a|p|ip)\)$", "", fields[4]).replace("_", " ")  # drop adjective position markers
+            words = fields[4:4 + 2 * int(fields[3], 16):2]  # w_cnt is hexadecimal; each word has a lex_id after it
+            lemmas = [re.sub(r"\((a|p|ip)\)$", "", w).replace("_", " ") for w in words]  # drop position markers
             definition = gloss.split('; "', 1)[0].strip().rstrip(";").strip()
             if not definition or definition.startswith('"'):
                 continue
@@ -187,11 +190,23 @@ def read_wordnet(wordnet_dir: Path) -> list[dict]:
             if definition[-1] not in ".!?":
                 definition += "."
             records.append({
-                "instruction": f'Define the word "{lemma}" ({part_of_speech[fields[2]]}).',
+                "instruction": f'Define the word "{lemmas[0]}" ({part_of_speech[fields[2]]}).',
                 "input": "",
                 "output": definition,
+                "lemmas": lemmas,
+                "part_of_speech": part_of_speech[fields[2]],
             })
     return records
+
+
+def sample_wordnet(wordnet_dir: Path, max_samples: int | None, seed: int) -> list[dict]:
+    """A seeded random sample of `max_samples` of `read_wordnet`'s records (all when None), in WordNet's order.
+
+    `scripts/prepare_wordnet.py` fine-tunes on it; `scripts/prepare_wordnet_mc.py` draws it again to leave it out.
+    """
+    records = read_wordnet(wordnet_dir)
+    keep = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[:max_samples]
+    return [records[i] for i in sorted(keep.tolist())]
 
 
 # ---------------------------------------------------------------------- tokenizing and saving
@@ -259,6 +274,12 @@ def split_sizes(num_records: int, test_size: int | float) -> tuple[int, int]:
     return num_train, num_test
 
 
+def split_indices(num_records: int, num_test: int, seed: int) -> dict[str, list[int]]:
+    """Which records go to `test` and which to `train`, in the order they are saved: a seeded shuffle, cut."""
+    order = torch.randperm(num_records, generator=torch.Generator().manual_seed(seed)).tolist()
+    return {"test": order[:num_test], "train": order[num_test:]}
+
+
 def prepare_dataset(
     records: list[dict],
     tokenizer: Tokenizer,
@@ -280,8 +301,7 @@ def prepare_dataset(
     if tokenizer.eos_id is None:
         raise UserError(f"the tokenizer in {tokenizer.checkpoint_dir} has no EOS token, which ends every response")
     num_train, num_test = split_sizes(len(records), test_size)
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    splits = {"test": order[:num_test], "train": order[num_test:]}
+    splits = split_indices(len(records), num_test, seed)
 
     destination = Path(destination)
     lengths: list[int] = []

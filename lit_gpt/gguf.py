@@ -1,13 +1,14 @@
 """Convert a llama.cpp GGUF file (any quantization the `gguf` package reads) into a lit checkpoint folder.
 
 The weights are dequantized to floats, one tensor at a time, and written as `lit_model.pth`; the model
-shape comes from the `llama.*` metadata, and the tokenizer stored in the file is rebuilt as a
-`tokenizer.json` (byte-level BPE) or `tokenizer.model` (SentencePiece) next to it.
+shape comes from the `llama.*` (LLaMA 1-3, Mistral) or `qwen2.*` metadata, and the tokenizer stored in the
+file is rebuilt as a `tokenizer.json` (byte-level BPE) or `tokenizer.model` (SentencePiece) next to it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lit_gpt.config import Config
+from lit_gpt.config import Config, check_rope_scaling
 from lit_gpt.convert import fuse_qkv
 from lit_gpt.utils import UserError, atomic_path, atomic_save, atomic_write_text
 
@@ -31,7 +32,18 @@ _LAYER_TENSORS = {
 }
 _TOP_LEVEL_TENSORS = {"token_embd": "transformer.wte", "output_norm": "transformer.ln_f", "output": "lm_head"}
 _QKV = ("attn_q", "attn_k", "attn_v")
-_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight$")
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+# Llama 3's rope scaling is stored as this tensor: one divisor per rotary frequency, not as metadata.
+_ROPE_FREQS = "rope_freqs.weight"
+# llama.cpp's converter reorders q and k rows for the llama architecture only; qwen2 keeps HF's order.
+_ARCHITECTURES = ("llama", "qwen2")
+
+# The split regexes of the tokenizer.json files that GGUF's `tokenizer.ggml.pre` names (Llama 3: digits in
+# threes; Qwen2: digits one by one), run before the byte-level step as those files do.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")
+_SPLIT_REGEXES = {**dict.fromkeys(_LLAMA3_PRE, _LLAMA3_SPLIT), "qwen2": _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")}
 
 # llama.cpp's token types (gguf.TokenType); SentencePiece numbers its piece types the same way.
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -47,7 +59,7 @@ def _gguf():
 
 # ---------------------------------------------------------------------- whole file
 def convert_gguf_checkpoint(gguf_path: Path, checkpoint_dir: Path, dtype: torch.dtype | None = None) -> Config:
-    """Write `lit_model.pth`, `lit_config.json` and the tokenizer files of a llama GGUF into `checkpoint_dir`.
+    """Write `lit_model.pth`, `lit_config.json` and the tokenizer files of a llama/qwen2 GGUF into `checkpoint_dir`.
 
     Tokenizer files already in `checkpoint_dir` are replaced by the ones the GGUF file holds.
 
@@ -86,48 +98,105 @@ def _field(reader, key: str, default: Any = None) -> Any:
 
 # ---------------------------------------------------------------------- metadata -> Config
 def config_from_gguf(reader, name: str = "") -> Config:
-    """The model shape from the `llama.*` metadata; the tensors decide vocabulary rows and tying."""
-    architecture = _field(reader, "general.architecture")
-    if architecture != "llama":
-        raise UserError(f"GGUF architecture {architecture!r} is not supported: only llama models convert")
-    if _field(reader, "llama.expert_count", 0):
-        raise UserError("mixture-of-experts llama GGUFs (Mixtral) are not supported")
-    scaling = _field(reader, "llama.rope.scaling.type", "none")
-    if scaling != "none" or "rope_freqs.weight" in _tensor_names(reader):
-        raise UserError(f"rope scaling ({scaling}) is not supported yet")
+    """The model shape from the `<architecture>.*` metadata; the tensors decide vocabulary rows and tying."""
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise UserError(f"GGUF architecture {arch!r} is not supported: only {' and '.join(_ARCHITECTURES)} "
+                        "models convert")
+    if _field(reader, f"{arch}.expert_count", 0):
+        raise UserError("mixture-of-experts GGUFs (Mixtral, Qwen2-MoE) are not supported")
+    scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling != "none":
+        raise UserError(f"rope scaling ({scaling}) is not supported; only Llama 3's (a rope_freqs tensor) is")
 
     def required(key: str) -> Any:
-        value = _field(reader, f"llama.{key}")
+        value = _field(reader, f"{arch}.{key}")
         if value is None:
-            raise UserError(f"the GGUF file has no llama.{key} metadata: it is incomplete; download it again")
+            raise UserError(f"the GGUF file has no {arch}.{key} metadata: it is incomplete; download it again")
         return value
 
     n_embd, n_head = int(required("embedding_length")), int(required("attention.head_count"))
-    head_size = int(_field(reader, "llama.attention.key_length", n_embd // n_head))
-    rope_dims = int(_field(reader, "llama.rope.dimension_count", head_size))
+    head_size = int(_field(reader, f"{arch}.attention.key_length", n_embd // n_head))
+    rope_dims = int(_field(reader, f"{arch}.rope.dimension_count", head_size))
     if rope_dims != head_size:
         raise UserError(f"partial rotary embeddings ({rope_dims} of {head_size} dims) are not supported")
     embedding_rows = int(_tensor(reader, "token_embd.weight").shape[-1])  # ggml shape: (n_embd, rows)
-    vocab_size = _field(reader, "llama.vocab_size")
-    if vocab_size is None:  # older files: the vocabulary is the token list
+    vocab_size = _field(reader, f"{arch}.vocab_size")
+    if vocab_size is None:  # older files and qwen2: the vocabulary is the token list
         vocab_size = len(_field(reader, "tokenizer.ggml.tokens") or []) or embedding_rows
     if vocab_size > embedding_rows:
         raise UserError(f"the GGUF file lists {vocab_size} tokens but embeds only {embedding_rows}: it is corrupt")
+    rope_base = _float32_value(_field(reader, f"{arch}.rope.freq_base", 10000.0))
+    window = _field(reader, f"{arch}.attention.sliding_window")
     return Config(
         name=name,
-        block_size=int(_field(reader, "llama.context_length", 4096)),
+        block_size=int(_field(reader, f"{arch}.context_length", 4096)),
         vocab_size=int(vocab_size),
         padded_vocab_size=embedding_rows,
         n_layer=int(required("block_count")),
         n_head=n_head,
         n_embd=n_embd,
-        n_query_groups=int(_field(reader, "llama.attention.head_count_kv", n_head)),
+        n_query_groups=int(_field(reader, f"{arch}.attention.head_count_kv", n_head)),
         head_size=head_size,
         intermediate_size=int(required("feed_forward_length")),
-        rope_base=_float32_value(_field(reader, "llama.rope.freq_base", 10000.0)),
+        rope_base=rope_base,
+        rope_scaling=_rope_scaling(reader, arch, head_size, rope_base),
+        sliding_window=int(window) if window else None,
         norm_eps=_float32_value(required("attention.layer_norm_rms_epsilon")),
+        attn_bias="blk.0.attn_q.bias" in _tensor_names(reader),
         tie_embeddings="output.weight" not in _tensor_names(reader),
     )
+
+
+def _rope_scaling(reader, arch: str, head_size: int, rope_base: float) -> dict | None:
+    """Llama 3's rope scaling parameters, recovered from the per-frequency divisors in `rope_freqs.weight`.
+
+    The divisors are 1 for short wavelengths, `factor` for long ones, and 1 / ((1 - s) / factor + s) in between,
+    where s is linear in context / wavelength; two in-between frequencies fix the line, hence the parameters
+    (with fewer, Meta's ratio high_freq_factor / low_freq_factor = 4 is assumed).
+    Only the ratios context / low_freq_factor and context / high_freq_factor matter, so the context is taken
+    from the metadata, or is 8192 as llama.cpp's converter assumes. The result is checked against the tensor.
+    """
+    from lit_gpt.model import rope_frequencies
+
+    if _ROPE_FREQS not in _tensor_names(reader):
+        return None
+    divisors = dequantize_tensor(_tensor(reader, _ROPE_FREQS)).flatten().double()
+    if divisors.numel() != head_size // 2:
+        raise UserError(f"{_ROPE_FREQS} has {divisors.numel()} values for {head_size // 2} rotary frequencies: "
+                        "the GGUF file is corrupt")
+    factor = divisors.max().item()
+    if factor == 1.0:
+        return None
+    context = int(_field(reader, f"{arch}.rope.scaling.original_context_length", 8192))
+    wavelengths = 2 * math.pi / rope_frequencies(head_size, rope_base).double()
+    between = (divisors > 1) & (divisors < factor)
+    x = context / wavelengths[between]
+    s = (1 / divisors[between] - 1 / factor) / (1 - 1 / factor)
+    if len(x) >= 2:
+        slope, intercept = np.polyfit(x.numpy(), s.numpy(), 1)
+        low, high = -intercept / slope, (1 - intercept) / slope
+    elif len(x) == 1:  # one equation for two unknowns: assume Meta's high_freq_factor = 4 * low_freq_factor
+        low = (x[0] / (3 * s[0] + 1)).item()
+        high = 4 * low
+    else:  # nothing in between to tell: Meta's values, if they fit
+        low, high = 1.0, 4.0
+    scaling = dict(rope_type="llama3", factor=_rounded(factor), low_freq_factor=_rounded(low),
+                   high_freq_factor=_rounded(high), original_max_position_embeddings=context)
+    try:
+        implied = rope_frequencies(head_size, rope_base) / rope_frequencies(head_size, rope_base,
+                                                                            check_rope_scaling(scaling))
+    except ValueError:  # the fit gave no valid parameters (high_freq_factor <= low_freq_factor, ...)
+        implied = None
+    if implied is None or not torch.allclose(implied.double(), divisors, rtol=1e-4, atol=0):
+        raise UserError(f"the {_ROPE_FREQS} tensor does not follow Llama 3's rope scaling; this rope scaling "
+                        "is not supported")
+    return scaling
+
+
+def _rounded(value: float) -> float:
+    """Undo float32 storage noise in fitted parameters: 3.9999998 -> 4.0."""
+    return float(f"{value:.6g}")
 
 
 def _float32_value(value: float) -> float:
@@ -174,17 +243,23 @@ def dequantize_tensor(tensor) -> torch.Tensor:
 
 
 def unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row order (Meta's interleaved RoPE pairs) into HF's rotate-half order."""
-    rows, columns = weight.shape
-    return weight.reshape(n_heads, rows // n_heads // 2, 2, columns).transpose(1, 2).reshape(rows, columns)
+    """Undo llama.cpp's q/k row order (Meta's interleaved RoPE pairs) into HF's rotate-half order.
+
+    Works on weights (rows, columns) and biases (rows,) alike.
+    """
+    rows, rest = weight.shape[0], weight.shape[1:]
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, *rest).transpose(1, 2).reshape(weight.shape)
 
 
 def convert_gguf_tensors(reader, config: Config, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Dequantize tensor by tensor into lit names, holding a layer's q and k only until v arrives."""
+    permuted = _field(reader, "general.architecture") == "llama"
     lit: dict[str, torch.Tensor] = {}
-    pending_qkv: dict[int, dict[str, torch.Tensor]] = {}
+    pending_qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for tensor in reader.tensors:
         name = tensor.name
+        if name == _ROPE_FREQS:  # read into the config (`_rope_scaling`)
+            continue
         layer = _LAYER_NAME.match(name)
         if layer is None:
             prefix = name.removesuffix(".weight")
@@ -192,19 +267,20 @@ def convert_gguf_tensors(reader, config: Config, dtype: torch.dtype = torch.floa
                 raise _unexpected(name)
             lit[f"{_TOP_LEVEL_TENSORS[prefix]}.weight"] = dequantize_tensor(tensor).to(dtype)
             continue
-        index, kind = int(layer.group(1)), layer.group(2)
+        index, kind, suffix = int(layer.group(1)), layer.group(2), layer.group(3)
         if kind in _QKV:
-            parts = pending_qkv.setdefault(index, {})
-            parts[kind] = _unpermuted(dequantize_tensor(tensor), kind, config).to(dtype)
+            parts = pending_qkv.setdefault((index, suffix), {})
+            value = dequantize_tensor(tensor)
+            parts[kind] = (_unpermuted(value, kind, config) if permuted else value).to(dtype)
             if len(parts) == 3:
-                lit[f"transformer.h.{index}.attn.attn.weight"] = fuse_qkv(*(parts[k] for k in _QKV), config)
-                del pending_qkv[index]
+                lit[f"transformer.h.{index}.attn.attn.{suffix}"] = fuse_qkv(*(parts[k] for k in _QKV), config)
+                del pending_qkv[(index, suffix)]
         elif kind in _LAYER_TENSORS:
-            lit[f"transformer.h.{index}.{_LAYER_TENSORS[kind]}.weight"] = dequantize_tensor(tensor).to(dtype)
+            lit[f"transformer.h.{index}.{_LAYER_TENSORS[kind]}.{suffix}"] = dequantize_tensor(tensor).to(dtype)
         else:
             raise _unexpected(name)
     if pending_qkv:
-        index, parts = next(iter(pending_qkv.items()))
+        (index, _), parts = next(iter(pending_qkv.items()))
         missing = ", ".join(sorted(set(_QKV) - set(parts)))
         raise UserError(f"layer {index} of the GGUF file has no {missing}: the file is incomplete; download it again")
     return lit
@@ -219,7 +295,7 @@ def _unpermuted(weight: torch.Tensor, kind: str, config: Config) -> torch.Tensor
 
 
 def _unexpected(name: str) -> UserError:
-    return UserError(f"unexpected tensor {name!r} in the GGUF file: only plain llama models can be converted")
+    return UserError(f"unexpected tensor {name!r} in the GGUF file: only plain llama and qwen2 models convert")
 
 
 def _check_fits_model(state_dict: dict[str, torch.Tensor], config: Config, gguf_path: Path) -> None:
@@ -233,7 +309,7 @@ def _check_fits_model(state_dict: dict[str, torch.Tensor], config: Config, gguf_
     problems += [f"{k} has shape {tuple(state_dict[k].shape)}, not {tuple(shape)}"
                  for k, shape in expected.items() if k in state_dict and state_dict[k].shape != shape]
     if problems:
-        raise UserError(f"the tensors of {gguf_path} do not fit its llama metadata ({'; '.join(problems[:3])})")
+        raise UserError(f"the tensors of {gguf_path} do not fit its metadata ({'; '.join(problems[:3])})")
 
 
 # ---------------------------------------------------------------------- tokenizer
@@ -258,17 +334,25 @@ def write_gguf_tokenizer(reader, checkpoint_dir: Path) -> list[Path]:
 
 
 def _write_byte_level_bpe(reader, tokens: list[str], token_types: list[int], path: Path) -> Path:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     # Merges are stored as "left right"; byte-level tokens spell spaces as "Ġ", so one split is safe.
     merges = [tuple(merge.split(" ", 1)) for merge in _field(reader, "tokenizer.ggml.merges") or []]
     vocab = {token: index for index, token in enumerate(tokens)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     pre = _field(reader, "tokenizer.ggml.pre")
+    # Llama 3's tokenizer.json takes a whole word from the vocabulary before trying merges (as llama.cpp does).
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
+                                     ignore_merges=pre in _LLAMA3_PRE))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":
         # SmolLM2 (like StarCoder) splits every digit on its own before the GPT-2 regex.
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in _SPLIT_REGEXES:
+        split = pre_tokenizers.Split(Regex(_SPLIT_REGEXES[pre]), behavior="isolated", invert=False)
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        if pre == "qwen2":
+            tokenizer.normalizer = normalizers.NFC()
     else:
         if pre not in (None, "default", "gpt-2"):
             warnings.warn(f"GGUF pre-tokenizer {pre!r} is approximated by GPT-2's split; a few texts may "

@@ -27,12 +27,15 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
 
 
 def chunked_next_token_loss(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                            chunk_size: int | None = None) -> torch.Tensor:
+                            chunk_size: int | None = None, recompute: bool = False) -> torch.Tensor:
     """`next_token_loss(model(x), labels)` from the final hidden states `hidden = model(x, return_hidden=True)`.
 
     The head and the cross-entropy run `chunk_size` tokens at a time (default: `CHUNK_ELEMENTS` logits per chunk),
     and each chunk's gradient is taken at once (see `_LinearCrossEntropy`), so no (tokens x vocab) tensor is kept.
-    Heads it cannot split (a 4-bit base under QLoRA, LoRA with dropout on the head) get the full logits.
+    With `recompute`, the chunks' gradients are computed again by every backward instead
+    (`_RecomputedLinearCrossEntropy`), so that the graph can be backpropagated several times (`retain_graph`), as
+    DropBP's sensitivity calibration does. Heads it cannot split (a 4-bit base under QLoRA, LoRA with dropout on the
+    head) get the full logits.
     """
     gpt = getattr(model, "module", model)  # the GPT inside Fabric's wrapper
     head = _head(gpt)
@@ -43,8 +46,15 @@ def chunked_next_token_loss(model: nn.Module, hidden: torch.Tensor, labels: torc
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     x = hidden.to(weight.dtype).reshape(-1, hidden.size(-1))
     chunk_size = chunk_size or max(1, CHUNK_ELEMENTS // weight.size(0))
-    total = _LinearCrossEntropy.apply(x, weight, lora_a, lora_b, targets, scale, chunk_size)
+    function = _RecomputedLinearCrossEntropy if recompute else _LinearCrossEntropy
+    total = function.apply(x, weight, lora_a, lora_b, targets, scale, chunk_size)
     return total / (targets != IGNORE_INDEX).sum()
+
+
+def chunk_tokens(model: nn.Module) -> int | None:
+    """Tokens per chunk of `chunked_next_token_loss` on `model`, or None when its head gets the full logits."""
+    head = _head(getattr(model, "module", model))
+    return None if head is None else max(1, CHUNK_ELEMENTS // head[0].size(0))
 
 
 def _head(gpt: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float] | None:
@@ -74,42 +84,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, targets, scale, chunk_size):
-        need_x, need_w, need_a, need_b = ctx.needs_input_grad[:4]
-        lora = lora_a is not None
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        grad_a = torch.zeros_like(lora_a) if need_a else None
-        grad_b = torch.zeros_like(lora_b) if need_b else None
+        grads = _empty_gradients(ctx.needs_input_grad, x, weight, lora_a, lora_b)
         total = torch.zeros((), device=x.device, dtype=torch.float32)
         for start in range(0, x.size(0), chunk_size):
-            x_c, t_c = x[start:start + chunk_size], targets[start:start + chunk_size]
-            logits = F.linear(x_c, weight)
-            if lora:
-                x_a = x_c.to(lora_a.dtype) @ lora_a.T
-                logits = logits + ((x_a @ lora_b.T) * scale).to(logits.dtype)
-            logits = logits.float()
+            rows = slice(start, start + chunk_size)
+            x_c, t_c = x[rows], targets[rows]
+            logits, x_a = _chunk_logits(x_c, weight, lora_a, lora_b, scale)
             valid = t_c != IGNORE_INDEX
             t_c = t_c.clamp(min=0)[:, None]
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             total += ((lse - logits.gather(1, t_c)).squeeze(1) * valid).sum()
-            if not (need_x or need_w or need_a or need_b):
+            if not any(g is not None for g in grads):
                 continue
-            grad = logits.sub_(lse).exp_()  # softmax, in place of the logits
-            grad.scatter_add_(1, t_c, torch.full_like(lse, -1.0)).mul_(valid[:, None])
-            grad = grad.to(x.dtype)
-            if need_x:
-                torch.matmul(grad, weight, out=grad_x[start:start + chunk_size])
-            if need_w:  # addmm with out=, not addmm_: FlopCounterMode counts the former only
-                torch.addmm(grad_w, grad.T, x_c, out=grad_w)
-            if lora:
-                grad_low = (grad.to(lora_b.dtype) @ lora_b) * scale  # the gradient of x A^T
-                if need_x:
-                    grad_x[start:start + chunk_size] += (grad_low @ lora_a).to(x.dtype)
-                if need_a:
-                    torch.addmm(grad_a, grad_low.T, x_c.to(lora_a.dtype), out=grad_a)
-                if need_b:
-                    torch.addmm(grad_b, grad.T.to(lora_b.dtype), x_a, alpha=scale, out=grad_b)
-        ctx.grads = [grad_x, grad_w, grad_a, grad_b]
+            grad = _logits_gradient(logits, lse, t_c, valid[:, None], x.dtype)
+            _add_chunk_gradients(grad, x_c, x_a, rows, weight, lora_a, lora_b, scale, grads)
+        ctx.grads = grads
         return total
 
     @staticmethod
@@ -120,6 +109,87 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None  # ours alone, so scaled in place and handed over without a copy
         grads = [g.mul_(grad_total.to(g.dtype)) if g is not None else None for g in grads]
         return (*grads, None, None, None)
+
+
+class _RecomputedLinearCrossEntropy(torch.autograd.Function):
+    """`_LinearCrossEntropy` whose backward recomputes each chunk's logits and gradient and keeps nothing of its own.
+
+    The forward keeps only each token's log-sum-exp, so the graph can be backpropagated any number of times
+    (`retain_graph`), each backward taking only the gradients its inputs need. This costs the head's forward matmuls
+    once more per backward: it is for sensitivity calibration, which backpropagates one forward many times; training
+    takes the gradients during the forward (`_LinearCrossEntropy`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, targets, scale, chunk_size):
+        total = torch.zeros((), device=x.device, dtype=torch.float32)
+        lse = torch.empty((x.size(0), 1), device=x.device, dtype=torch.float32)
+        for start in range(0, x.size(0), chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits, _ = _chunk_logits(x[rows], weight, lora_a, lora_b, scale)
+            t_c = targets[rows]
+            valid = t_c != IGNORE_INDEX
+            torch.logsumexp(logits, dim=-1, keepdim=True, out=lse[rows])
+            total += ((lse[rows] - logits.gather(1, t_c.clamp(min=0)[:, None])).squeeze(1) * valid).sum()
+        ctx.save_for_backward(x, weight, lora_a, lora_b, targets, lse)
+        ctx.scale, ctx.chunk_size = scale, chunk_size
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        x, weight, lora_a, lora_b, targets, lse = ctx.saved_tensors
+        grads = _empty_gradients(ctx.needs_input_grad, x, weight, lora_a, lora_b)
+        for start in range(0, x.size(0), ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            x_c, t_c = x[rows], targets[rows]
+            logits, x_a = _chunk_logits(x_c, weight, lora_a, lora_b, ctx.scale)
+            # The incoming gradient scales the mask, so every gradient comes out scaled.
+            mask = (t_c != IGNORE_INDEX)[:, None] * grad_total.float()
+            grad = _logits_gradient(logits, lse[rows], t_c.clamp(min=0)[:, None], mask, x.dtype)
+            _add_chunk_gradients(grad, x_c, x_a, rows, weight, lora_a, lora_b, ctx.scale, grads)
+        return (*grads, None, None, None)
+
+
+def _empty_gradients(needs_input_grad, x, weight, lora_a, lora_b) -> list[torch.Tensor | None]:
+    """The buffers the chunks' gradients are summed into, for the inputs that need one: x, W, A, B."""
+    need_x, need_w, need_a, need_b = needs_input_grad[:4]
+    return [torch.empty_like(x) if need_x else None, torch.zeros_like(weight) if need_w else None,
+            torch.zeros_like(lora_a) if need_a else None, torch.zeros_like(lora_b) if need_b else None]
+
+
+def _chunk_logits(x_c, weight, lora_a, lora_b, scale) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A chunk's logits in fp32 (computed in `x_c`'s dtype, as the head does), and `x_c A^T` under LoRA."""
+    logits = F.linear(x_c, weight)
+    x_a = None
+    if lora_a is not None:
+        x_a = x_c.to(lora_a.dtype) @ lora_a.T
+        logits = logits + ((x_a @ lora_b.T) * scale).to(logits.dtype)
+    return logits.float(), x_a
+
+
+def _logits_gradient(logits, lse, t_c, mask, dtype) -> torch.Tensor:
+    """(softmax - onehot(t_c)) * mask in `dtype`, computed in place of the fp32 logits."""
+    grad = logits.sub_(lse).exp_()  # softmax, in place of the logits
+    grad.scatter_add_(1, t_c, torch.full_like(lse, -1.0)).mul_(mask)
+    return grad.to(dtype)
+
+
+def _add_chunk_gradients(grad, x_c, x_a, rows, weight, lora_a, lora_b, scale, grads) -> None:
+    """Multiply a chunk's logits gradient into the gradients of x (its rows), W, A and B, those that are wanted."""
+    grad_x, grad_w, grad_a, grad_b = grads
+    if grad_x is not None:
+        torch.matmul(grad, weight, out=grad_x[rows])
+    if grad_w is not None:  # addmm with out=, not addmm_: FlopCounterMode counts the former only
+        torch.addmm(grad_w, grad.T, x_c, out=grad_w)
+    if lora_a is not None:
+        grad_low = (grad.to(lora_b.dtype) @ lora_b) * scale  # the gradient of x A^T
+        if grad_x is not None:
+            grad_x[rows] += (grad_low @ lora_a).to(grad_x.dtype)
+        if grad_a is not None:
+            torch.addmm(grad_a, grad_low.T, x_c.to(lora_a.dtype), out=grad_a)
+        if grad_b is not None:
+            torch.addmm(grad_b, grad.T.to(lora_b.dtype), x_a, alpha=scale, out=grad_b)
 
 
 def forward_backward(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, accumulation: int = 1,

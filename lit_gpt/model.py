@@ -1,11 +1,16 @@
 """A LLaMA-family decoder in one file: GQA attention with RoPE, RMSNorm, SwiGLU, and a KV cache.
 
+The same code runs LLaMA 1-3, Mistral (sliding-window attention) and Qwen2 (a bias on q, k and v only);
+the differences are `Config` fields.
+
 Weights follow Lit-GPT's names (see `lit_gpt/convert.py` for the HF mapping). The fused `attn.attn`
 projection stores its rows grouped per query group: the q heads of group 0, then k0, v0, then the
 q heads of group 1, and so on, so one view splits q, k and v without copying.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -29,7 +34,6 @@ class GPT(nn.Module):
         # Tied models (SmolLM2) have no head weight of their own: logits use the embedding matrix.
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._causal_mask: torch.Tensor | None = None
 
     def reset_parameters(self, std: float = 0.02) -> None:
         """Random init for from-scratch tests and benchmarks (HF's LLaMA init: N(0, 0.02), norms at 1)."""
@@ -54,11 +58,14 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds the model's block_size {self.config.block_size}")
         cos, sin = self.rope_cache(idx.device)
+        window = self.config.sliding_window
         if input_pos is None:
             cos, sin, mask = cos[:T], sin[:T], None
+            if window is not None and T > window:  # shorter sequences: plain causal, SDPA's fast path
+                mask = attention_mask(torch.arange(T, device=idx.device), T, window)
         else:
             cos, sin = cos[input_pos], sin[input_pos]
-            mask = self.causal_mask(idx.device)[input_pos, : self.kv_cache_length]
+            mask = attention_mask(input_pos, self.kv_cache_length, window)
         x = self.transformer.wte(idx)
         for block in self.transformer.h:
             if block.keep:  # Progressive Layer Dropping skips whole blocks in training (lit_gpt/methods/pld.py)
@@ -74,14 +81,9 @@ class GPT(nn.Module):
     def rope_cache(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         # Kept out of the buffers so that `.to(dtype)`, meta-device init and FSDP never touch it.
         if self._rope is None or self._rope[0].device != device:
-            self._rope = build_rope_cache(self.config.block_size, self.config.head_size, self.config.rope_base, device)
+            c = self.config
+            self._rope = build_rope_cache(c.block_size, c.head_size, c.rope_base, device, c.rope_scaling)
         return self._rope
-
-    def causal_mask(self, device: torch.device) -> torch.Tensor:
-        size = self.config.block_size
-        if self._causal_mask is None or self._causal_mask.device != device:
-            self._causal_mask = torch.ones(size, size, dtype=torch.bool, device=device).tril()
-        return self._causal_mask
 
     @property
     def kv_cache_length(self) -> int:
@@ -121,8 +123,8 @@ class Block(nn.Module):
         self.mlp = build_mlp(config)
         self.parallel_residual = config.parallel_residual
         # Their backward FLOPs, which allocation weighs, come from the cost model (lit_gpt/flops.py) at training time.
-        self.dropbp_attn = DropBP(self.attention_branch, modules=(self.norm_1, self.attn))
-        self.dropbp_mlp = DropBP(self.mlp_branch, modules=(self.norm_2, self.mlp))
+        self.dropbp_attn = DropBP(self.attention_branch, modules=(self.norm_1, self.attn), kind="attention")
+        self.dropbp_mlp = DropBP(self.mlp_branch, modules=(self.norm_2, self.mlp), kind="mlp")
         self.keep, self.branch_scale = True, 1.0  # set per micro-batch by Progressive Layer Dropping
 
     def attention_branch(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:
@@ -143,7 +145,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
-        self.attn = nn.Linear(config.n_embd, config.qkv_size, bias=config.bias)
+        self.attn = nn.Linear(config.n_embd, config.qkv_size, bias=config.bias or config.attn_bias)
         self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=config.bias)
         self.kv_cache: KVCache | None = None
 
@@ -230,9 +232,35 @@ def build_mlp(config: Config) -> nn.Module:
     return {"LLaMAMLP": LLaMAMLP, "GptNeoxMLP": GptNeoxMLP}[config.mlp_class_name](config)
 
 
-def build_rope_cache(seq_len: int, head_size: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (seq_len, head_size) in the rotate-half layout HF uses."""
+def attention_mask(query_pos: torch.Tensor, kv_length: int, window: int | None = None) -> torch.Tensor:
+    """Which of `kv_length` cached positions each query position may attend to: (T, kv_length), True = attend.
+
+    Causal, and with a sliding window only the last `window` positions, the query's own included (as HF's
+    Mistral counts them). Built per call, so a 128k-token block size never needs a 128k x 128k table.
+    """
+    distance = query_pos[:, None] - torch.arange(kv_length, device=query_pos.device)[None, :]
+    mask = distance >= 0
+    return mask if window is None else mask & (distance < window)
+
+
+def rope_frequencies(head_size: int, base: float, scaling: dict | None = None, device=None) -> torch.Tensor:
+    """RoPE's head_size / 2 angular frequencies, with Llama 3's scaling when `scaling` holds its parameters."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size))
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    # Llama 3 slows the frequencies whose wavelength exceeds context / low by `factor` (longer contexts),
+    # keeps those shorter than context / high (local detail), and blends the two linearly in between.
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def build_rope_cache(seq_len: int, head_size: int, base: float, device=None,
+                     scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (seq_len, head_size) in the rotate-half layout HF uses."""
+    inv_freq = rope_frequencies(head_size, base, scaling, device)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()

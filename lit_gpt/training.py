@@ -154,7 +154,7 @@ class Trainer:
             run_micro_batches=lambda: self.micro_batches(), calibration_batch=calibration_batch,
             whole_model=lambda: whole_model(fabric, self.model),
             all_reduce_mean=lambda x: fabric.all_reduce(x.to(fabric.device), reduce_op="mean"),
-            check_loss=check_loss, print=fabric.print,
+            check_loss=check_loss, print=fabric.print, chunked_loss=t.chunked_loss,
         )
 
     # -------------------------------------------------------------- training

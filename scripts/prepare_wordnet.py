@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from lit_gpt.data import prepare_instruction_data, read_wordnet
+from lit_gpt.data import prepare_instruction_data, sample_wordnet
 from lit_gpt.utils import UserError, run_cli
 
 
@@ -39,15 +37,10 @@ def prepare(
     if max_samples is not None and max_samples < 2:
         raise UserError(f"--max_samples must be at least 2 (one train and one test record), got {max_samples}")
 
-    def sample() -> list[dict]:
-        records = read_wordnet(wordnet_dir)
-        keep = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[:max_samples]
-        return [records[i] for i in sorted(keep.tolist())]
-
     prepare_instruction_data(
-        sample, checkpoint_dir, destination_path, source=f"wordnet:{wordnet_dir}",
-        test_size=test_size, seed=seed, mask_inputs=mask_inputs, max_seq_length=max_seq_length,
-        prompt_style=prompt_style,
+        lambda: sample_wordnet(wordnet_dir, max_samples, seed), checkpoint_dir, destination_path,
+        source=f"wordnet:{wordnet_dir}", test_size=test_size, seed=seed, mask_inputs=mask_inputs,
+        max_seq_length=max_seq_length, prompt_style=prompt_style,
     )
 
 

@@ -28,6 +28,32 @@ TINY_HF_CONFIGS = {
 }
 
 
+def _llama3_scaling(factor: float, high_freq_factor: float, original: int) -> dict:
+    return dict(rope_type="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=high_freq_factor,
+                original_max_position_embeddings=original)
+
+
+# The other families, tiny: (transformers class prefix, config fields). Each one has what sets it apart: Llama 3
+# rope scaling with frequencies in all three of its bands (head_size 16, wavelengths 6 to 6e5 against cut-offs at
+# 128 and 1024), Mistral's sliding window (8, shorter than the test sequences), and Qwen2's q/k/v biases.
+# (transformers wants max_position_embeddings above the rope scaling's original length.)
+TINY_HF_FAMILIES = {
+    "llama3.1-scaled": ("Llama", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=172, tie_word_embeddings=False, rope_theta=500000.0,
+                                      max_position_embeddings=2048, rope_scaling=_llama3_scaling(8.0, 8.0, 1024))),
+    "llama3.2-tied": ("Llama", dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, head_dim=32,
+                                    intermediate_size=256, tie_word_embeddings=True, rope_theta=500000.0,
+                                    max_position_embeddings=8192, rope_scaling=_llama3_scaling(32.0, 4.0, 4096))),
+    "mistral-window": ("Mistral", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                       intermediate_size=172, tie_word_embeddings=False, rope_theta=10000.0,
+                                       sliding_window=8)),
+    "qwen2-tied": ("Qwen2", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=172,
+                                 tie_word_embeddings=True, rope_theta=1000000.0)),
+    "qwen2-gqa": ("Qwen2", dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, intermediate_size=344,
+                                tie_word_embeddings=False, rope_theta=1000000.0)),
+}
+
+
 @pytest.fixture(autouse=True)
 def isolated_hf_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
@@ -42,6 +68,29 @@ def make_hf_llama(name: str, seed: int = 0):
     )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config).eval()
+
+
+def make_hf_family(name: str, seed: int = 0, vocab_size: int = 101):
+    """A random fp32 transformers causal LM of one of `TINY_HF_FAMILIES`.
+
+    Weights are larger than HF's init (std 0.2, not 0.02) and biases random (HF starts them at 0), so that what
+    sets a family apart (rope scaling, window, biases) visibly changes the logits.
+    """
+    transformers = pytest.importorskip("transformers")
+    prefix, fields = TINY_HF_FAMILIES[name]
+    shape = dict(vocab_size=vocab_size, num_hidden_layers=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+    config = getattr(transformers, f"{prefix}Config")(**{**shape, **fields})
+    model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if param_name.endswith(".bias"):
+                param.normal_(0.0, 0.5, generator=generator)
+            elif param.dim() == 1:  # norm weights: tell norm_1, norm_2 and ln_f apart
+                param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
+            else:
+                param.normal_(0.0, 0.2, generator=generator)
+    return model
 
 
 def package_file(package: str, relative: str) -> Path:

@@ -66,8 +66,7 @@ def _wrap_branch(module: nn.Module, flops: float, kind: str) -> DropBP:
         extras[0] = None
         return out
 
-    layer = DropBP(branch, modules=(module,), flops=flops)
-    layer.kind = kind  # "attention" or "mlp": which FLOPs formula applies
+    layer = DropBP(branch, modules=(module,), flops=flops, kind=kind)  # kind: which FLOPs formula applies
     module.add_module("dropbp", layer)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -109,7 +108,7 @@ def branch_backward_flops(config: Any, seq_len: int, train_base: bool = True) ->
 
 def apply_dropbp(model: nn.Module, drop_rate: float = 0.5, seed: int = 0, lr_compensation: bool = False,
                  seq_len: int | None = None, train_base: bool | None = None, layers: str | None = None,
-                 attention: str = "self_attn", mlp: str = "mlp") -> DropBPHandler:
+                 attention: str = "self_attn", mlp: str = "mlp", unbiased: bool = False) -> DropBPHandler:
     """Wrap every decoder layer's attention and MLP branch of a HF causal LM in DropBP; return the handler.
 
     Args:
@@ -117,7 +116,7 @@ def apply_dropbp(model: nn.Module, drop_rate: float = 0.5, seed: int = 0, lr_com
             `mlp`), or a PEFT model around one.
         drop_rate: the uniform starting drop rate of every branch (the target of later calibrations).
         seed: seed of the decision generator; use the same value on every rank.
-        lr_compensation: see `DropBPHandler`.
+        lr_compensation, unbiased: see `DropBPHandler`.
         seq_len: sequence length for the branch FLOPs; defaults to min(max_position_embeddings, 2048).
             `DropBPTrainer` updates them from the real batches at calibration time.
         train_base: whether the base weights train (weight gradients count in the FLOPs); default: whether any
@@ -136,7 +135,7 @@ def apply_dropbp(model: nn.Module, drop_rate: float = 0.5, seed: int = 0, lr_com
     for layer in decoder_layers:
         _wrap_branch(getattr(layer, attention), flops[0], "attention")
         _wrap_branch(getattr(layer, mlp), flops[1], "mlp")
-    handler = DropBPHandler(model, seed=seed, lr_compensation=lr_compensation)
+    handler = DropBPHandler(model, seed=seed, lr_compensation=lr_compensation, unbiased=unbiased)
     handler.set_initial_drop_rate(drop_rate)
     handler.target_drop_rate = drop_rate
     handler.hf_config = config

@@ -34,6 +34,7 @@ class RunContext:
         all_reduce_mean: averages a tensor over the ranks.
         check_loss: raises the run's "loss became NaN/inf" error for a non-finite loss.
         print: prints on rank 0 only.
+        chunked_loss: whether the head and the loss run a chunk of tokens at a time (`--train.chunked_loss`).
     """
 
     model: nn.Module
@@ -52,6 +53,7 @@ class RunContext:
     all_reduce_mean: Callable[[torch.Tensor], torch.Tensor]
     check_loss: Callable[[torch.Tensor], None]
     print: Callable[[str], None]
+    chunked_loss: bool = True
     step: int = 0
 
 

@@ -9,6 +9,7 @@ every branch's sensitivity on a calibration batch and reallocates the drop rates
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,8 +17,9 @@ import torch
 import torch.nn as nn
 
 from dropbp import DropBPHandler
+from dropbp.allocation import ALLOCATORS, UnreachableTarget
 from lit_gpt.flops import CostModel
-from lit_gpt.loss import next_token_loss
+from lit_gpt.loss import chunked_next_token_loss, next_token_loss
 from lit_gpt.methods.base import RunContext, TrainingMethod
 from lit_gpt.utils import UserError
 
@@ -34,12 +36,19 @@ class DropBPArgs:
     """calibrate after this fraction of the optimizer steps"""
     recalibrate_every: int | None = None
     """optimizer steps between later recalibrations; null: calibrate once"""
-    allocator: Literal["greedy", "flops"] = "greedy"
-    """greedy: the paper's steps of 0.1 to the least sensitive branch; flops: the convex, FLOPs-aware program"""
+    allocator: Literal["greedy", "flops", "depth"] = "greedy"
+    """greedy: the paper's steps of 0.1 to the least sensitive branch; flops: the convex, FLOPs-aware program;
+    depth (experimental): rates falling linearly with depth from the start, no sensitivity, no calibration"""
     calibration_batch_size: int | None = None
     """samples in the calibration batch; default: micro_batch_size"""
+    drop_branches: Literal["all", "attention", "mlp"] = "all"
+    """experimental: only these branches drop, absorbing the whole --drop_rate (still a share of all branches'
+    backward FLOPs)"""
     lr_compensation: bool = False
     """each branch's learning rate times 1 / (1 - p_i), as the paper's library does"""
+    unbiased: bool = False
+    """experimental: a kept branch's backward times 1 / (1 - p_i), with independent draws, so the expected
+    gradient is the full one; not with --lr_compensation"""
 
 
 def check_dropbp_args(args: DropBPArgs) -> None:
@@ -49,6 +58,12 @@ def check_dropbp_args(args: DropBPArgs) -> None:
                         "backward passes, and 1 would never train the blocks")
     if not 0.0 <= args.sensitivity_at < 1.0:
         raise UserError(f"--sensitivity_at is a fraction of the optimizer steps in [0, 1), got {args.sensitivity_at}")
+    if args.allocator == "depth" and args.sensitivity not in ("auto", "none"):
+        raise UserError(f"--allocator depth ignores sensitivities, so --sensitivity {args.sensitivity} would measure "
+                        "for nothing: pass --sensitivity none (or auto)")
+    if args.unbiased and args.lr_compensation:
+        raise UserError("--unbiased true and --lr_compensation true both compensate for the dropped gradients: "
+                        "pass only one")
 
 
 class DropBP(TrainingMethod):
@@ -68,9 +83,12 @@ class DropBP(TrainingMethod):
         super().__init__("dropbp")
         self.args, self.seed = args, seed
         self.metric = args.sensitivity if args.sensitivity != "auto" else ("gradnorm" if full_finetuning else "grad")
+        if args.allocator == "depth":  # its rates depend on depth and FLOPs alone: fixed at the start
+            self.metric = "none"
         self.calibration_batch_size = args.calibration_batch_size or calibration_batch_size
-        self.handler = DropBPHandler(model, seed=seed, lr_compensation=args.lr_compensation)
-        self.handler.set_initial_drop_rate(args.drop_rate)
+        self.handler = DropBPHandler(model, seed=seed, lr_compensation=args.lr_compensation,
+                                     unbiased=args.unbiased)
+        self.handler.set_initial_drop_rate(args.drop_rate)  # replaced in `start`, once the FLOPs are known
         self.history: list[dict] = []  # every allocation: the uniform start, then each calibration
         self._realised: list[float] = []  # this step's micro-batches
         self._calibration_steps: set[int] = set()
@@ -96,8 +114,34 @@ class DropBP(TrainingMethod):
         flops = CostModel(run.model).branch_backward_flops(run.mean_seq_length)
         self.handler.set_branch_flops([max(1.0, f) for f in flops])
         self._calibration_steps = self.calibration_steps(run.max_steps)
-        if not self.history:
+        if not self.history:  # a resumed run keeps its checkpointed rates
+            self.allocate_start()
             self.record(run, calibration=None)
+
+    def droppable(self) -> list[bool] | None:
+        """Which branches `--drop_branches` lets drop (by the layers' `kind` labels); None: all."""
+        if self.args.drop_branches == "all":
+            return None
+        return [layer.kind == self.args.drop_branches for layer in self.handler.layers]
+
+    def allocate_start(self) -> None:
+        """The starting rates: uniform over the droppable branches, or depth-shaped with `--allocator depth`.
+
+        An unreachable target fails here, before training, also for the calibrations to come (their allocators
+        cap each rate below 1).
+        """
+        args, droppable = self.args, self.droppable()
+        try:
+            self.handler.set_initial_drop_rate(args.drop_rate, droppable)
+            if args.allocator == "depth":
+                self.handler.allocate(args.drop_rate, "depth")
+            elif self._calibration_steps:
+                ones = [1.0] * len(self.handler.layers)
+                ALLOCATORS[args.allocator](ones, self.handler.branch_flops, args.drop_rate, droppable=droppable)
+        except UnreachableTarget as e:
+            largest = math.floor(e.reachable * 1e4) / 1e4  # rounded down, so that it is reachable
+            raise UserError(f"--drop_rate {args.drop_rate} is unreachable with --drop_branches {args.drop_branches} "
+                            f"and --allocator {args.allocator}: the largest reachable target is {largest}") from None
 
     def before_step(self, run: RunContext) -> None:
         if run.step in self._calibration_steps:
@@ -123,6 +167,10 @@ class DropBP(TrainingMethod):
         On several ranks, each rank runs its share of the batch and every parameter gradient the measurement
         takes is averaged over the ranks (`run.whole_model`): the norms are those of the whole batch's full
         gradients, as one process would measure them, and every rank allocates the same rates.
+
+        The loss is the training loss: with `--train.chunked_loss` the head and the loss run a chunk at a time, in
+        the variant that recomputes the chunks in every backward, because the measurement backpropagates the one
+        forward many times.
         """
         input_ids, labels = run.calibration_batch(self.calibration_batch_size, self.seed + run.step)
 
@@ -131,7 +179,11 @@ class DropBP(TrainingMethod):
 
         with run.whole_model() as model:
             def calibration_loss() -> torch.Tensor:
-                loss = next_token_loss(model(input_ids), labels)
+                if run.chunked_loss:
+                    hidden = model(input_ids, return_hidden=True)
+                    loss = chunked_next_token_loss(model, hidden, labels, recompute=True)
+                else:
+                    loss = next_token_loss(model(input_ids), labels)
                 run.check_loss(loss)
                 return loss
 
@@ -145,7 +197,8 @@ class DropBP(TrainingMethod):
     def record(self, run: RunContext, calibration) -> None:
         """Append the current allocation to the history, and write `drop_rates.json` and `drop_rates.png`."""
         entry = {"step": run.step, "target_drop_rate": self.args.drop_rate,
-                 "allocator": self.args.allocator if calibration else "uniform",
+                 "allocator": self.args.allocator if calibration or self.args.allocator == "depth" else "uniform",
+                 "drop_branches": self.args.drop_branches, "unbiased": self.args.unbiased,
                  "metric": calibration.metric if calibration else None,
                  "seconds": calibration.seconds if calibration else None,
                  "drop_rates": self.handler.drop_rates, "sensitivities": self.handler.sensitivities,

@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import lit_gpt.loss as memory_loss
 from bench import memory
 from conftest import ROOT, assert_one_line_error, assert_plot
 from lit_gpt.config import Config
@@ -52,7 +53,7 @@ def test_saved_bytes_count_each_storage_once_and_skip_weights():
     packs: list[torch.Tensor] = []  # every saved tensor, as often as it is saved
     ids = torch.zeros(2, 32, dtype=torch.long)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packs.append(t) or t, lambda t: t):
-        memory.next_token_loss(model(ids), ids)
+        memory.training_loss(model, ids, chunked_loss=True)
     weights = {memory.storage_key(t) for t in memory.weight_tensors(model)}
     naive = sum(t.untyped_storage().nbytes() for t in packs)
     distinct = {memory.storage_key(t): t.untyped_storage().nbytes() for t in packs}
@@ -77,11 +78,14 @@ def test_four_bit_bytes_formula():
 
 
 # ---------------------------------------------------------------------------------------------- fake == real
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "full-tied"])
 @pytest.mark.parametrize("p", [0.0, 0.5])
 def test_fake_tensor_count_equals_a_real_cpu_run(method, p):
-    model, real = real_count(TINY, method, p, draw=1)
-    fake = fake_counter(TINY, method)
+    """full-tied: SmolLM2's head, whose embedding share of the gradient is sparse (indices and values counted)."""
+    config = replace(TINY, tie_embeddings=method.endswith("-tied"))
+    method = method.removesuffix("-tied")
+    model, real = real_count(config, method, p, draw=1)
+    fake = fake_counter(config, method)
     counted = fake.count(p, 1, 32)
     assert ((counted.saved, counted.peak, counted.timeline, counted.ops)
             == (real.saved, real.peak, real.timeline, real.ops))
@@ -98,10 +102,14 @@ def test_meta_device_would_count_differently():
     assert meta.saved > real.saved
 
 
-def test_qlora_count_equals_a_real_four_bit_run():
+@pytest.mark.parametrize("tied", [False, True])
+def test_qlora_count_equals_a_real_four_bit_run(tied):
+    """An untied 4-bit head gets the full logits even with the chunked loss (`count_rows` counts it so); a tied one
+    is the float embedding, and runs the chunked loss."""
     pytest.importorskip("bitsandbytes")
-    model, real = real_count(TINY, "qlora", 0.5)
-    fake = fake_counter(TINY, "lora")
+    config = replace(TINY, tie_embeddings=tied)
+    model, real = real_count(config, "qlora", 0.5)
+    fake = memory.Counter(config, "lora", torch.float32, 0, "bnb.nf4", 2, chunked_loss=tied)
     counted = fake.count(0.5, 0, 32)
     assert (counted.saved, counted.peak) == (real.saved, real.peak)
     assert memory.static_bytes(fake.model, "qlora", "bnb.nf4") == memory.static_bytes(model, "qlora", "bnb.nf4")
@@ -146,6 +154,47 @@ def test_longest_sequence_grows_with_p_and_respects_the_budget():
         == longest[0.5]
 
 
+def test_longest_sequence_across_the_chunked_losss_chunks(monkeypatch):
+    """With the chunked loss the ops change every chunk (here 20 tokens, 10 per sequence of the micro-batch of 2):
+    the solve walks the runs of lengths with the same chunks, and agrees with bisection over counts."""
+    monkeypatch.setattr(memory_loss, "CHUNK_ELEMENTS", 20 * TINY.padded_vocab_size)
+    counter = fake_counter()
+    assert counter.chunk == 20 and counter.segment(32) == (31, 40) and counter.segment(2) == (2, 10)
+    static = sum(counter.static.values())
+    draws = [0, 1]
+    for extra in (2**20, 3 * 2**20):
+        result = counter.longest(0.5, draws, static, static + extra, 32)
+        assert result["solved"] == "affine, confirmed at T*"
+        t = result["longest"]
+        assert t > 40  # past the first length's run of lengths
+        assert t == memory.bisect_longest(
+            lambda n, extra=extra: all(counter.count(0.5, d, n).peak <= extra for d in draws), 32)
+
+
+def test_chunked_loss_lowers_the_step_peak_of_a_large_vocabulary():
+    config = replace(TINY, vocab_size=32000, padded_vocab_size=32000, tie_embeddings=True)
+    peaks = {flag: memory.Counter(config, "lora", torch.float32, 0, "bnb.nf4", 2, chunked_loss=flag).count(0.0, 0, 64)
+             for flag in (True, False)}
+    logits = 2 * 63 * 32000 * 4  # one (tokens x vocab) fp32 tensor, every position but the last
+    assert peaks[False].peak - peaks[True].peak >= logits
+    assert peaks[False].saved - peaks[True].saved >= logits  # the full path saves its log-probabilities
+
+
+def test_pld_counts_only_the_blocks_it_keeps():
+    counter = fake_counter(replace(TINY, n_layer=4))
+    plain = counter.count(0.0, 0, 32)
+    kept = []
+    for d in range(6):
+        pld = counter.pld(0.5)
+        pld.draw(step=d)  # the count's decision, drawn here to read it
+        kept.append(sum(b.keep for b in pld.blocks))
+        pld.remove()
+        saved = counter.count(None, d, 32, pld_theta=0.5).saved
+        assert (saved < plain.saved) == (kept[-1] < 4)
+    assert min(kept) < 4  # some draw drops a block
+    assert all(b.keep for b in counter.model.transformer.h)  # every block runs again after a count
+
+
 def test_budget_below_the_weights_fits_nothing():
     counter = fake_counter()
     assert counter.longest(0.0, [0], sum(counter.static.values()), 1000, 32)["longest"] == 0
@@ -163,9 +212,13 @@ def test_main_writes_its_tables_and_plots(tmp_path, monkeypatch):
         assert rows[method, 0.875]["saved"] < rows[method, 0.0]["saved"]
         assert rows[method, 0.875]["longest"] > rows[method, 0.0]["longest"] > 0
         assert rows[method, 0.875]["longest_ratio"] > 1
+        # PLD at θ̄ = 0.5 (the default); the peak over its draws: with 2 blocks, a draw may keep both.
+        assert rows[method, None]["pld_theta"] == 0.5
+        assert rows[method, None]["saved"] <= rows[method, 0.0]["saved"]
     assert result["cross_checks"] and all(c["equal"] for c in result["cross_checks"])
     text = (out / "memory.md").read_text()
     assert "Machine:" in text and "Command: `python -m bench.memory" in text and "| full | 0.875 |" in text
+    assert "| lora | PLD θ̄=0.5 |" in text and "chunked head + loss" in text
     assert json.loads((out / "memory.json").read_text())["rows"][0]["method"] == "full"
     assert_plot(out / "memory_breakdown.png", max(6.0, 0.62 * len(result["rows"]) + 1.5), 4.6, dpi=120)
     assert_plot(out / "memory_longest.png", 6.4, 4.4, dpi=120)
@@ -179,6 +232,8 @@ def test_main_writes_its_tables_and_plots(tmp_path, monkeypatch):
     (dict(validate_on=["full@0.3"]), "not among"),
     (dict(estimates=["Llama-2-7b-hf:bogus"]), "unknown method"),
     (dict(quantize="int3"), "--quantize"),
+    (dict(pld_theta=0.0), "--pld_theta"),
+    (dict(search_granularity=0), "--search_granularity"),
 ])
 def test_bad_arguments_raise_user_errors(kwargs, fragment, tmp_path):
     with pytest.raises(UserError) as info:

@@ -499,3 +499,10 @@ def test_lr_compensation_scales_each_branch_group(compensation):
     handler.set_lr(optimizer, 1e-3)
     attention_0 = [g for g in optimizer.param_groups if g["dropbp_branch"] == 0]
     assert all(g["lr"] == pytest.approx(1e-2 if compensation else 1e-3) for g in attention_0)
+
+
+def test_a_qkv_bias_belongs_to_the_attention_branch():
+    """Qwen2's q/k/v bias is dropped (and counted) with its attention branch, like the weights around it."""
+    names = branch_param_names(make_model(attn_bias=True))
+    assert "transformer.h.0.attn.attn.bias" in names[0] and "transformer.h.1.attn.attn.bias" in names[2]
+    assert not any(name.endswith(".bias") for name in names[1] | names[3])

@@ -2,13 +2,14 @@
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_HF_CONFIGS, assert_one_line_error, run_script
+from conftest import TINY_HF_CONFIGS, assert_one_line_error, make_hf_family, run_script
 from lit_gpt.config import Config
 from lit_gpt.convert import LazyTensor, convert_hf_state_dict
 from lit_gpt.model import GPT
@@ -42,23 +43,42 @@ def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, rows // n_heads // 2, columns).swapaxes(1, 2).reshape(rows, columns)
 
 
-def gguf_tensors(hf_model) -> dict[str, np.ndarray]:
+def gguf_tensors(hf_model, arch: str = "llama") -> dict[str, np.ndarray]:
+    """The model's tensors under llama.cpp's names; q and k (weights and biases) permuted for llama only."""
     config = hf_model.config
     tensors = {}
     for name, value in hf_model.state_dict().items():
         array = value.detach().float().numpy()
-        module = name.removesuffix(".weight")
+        module, _, kind = name.rpartition(".")
         if module.startswith("model.layers."):
             index, hf_name = module.removeprefix("model.layers.").split(".", 1)
             gguf_name = HF_TO_GGUF_LAYER[hf_name]
-            if gguf_name == "attn_q":
+            if arch == "llama" and gguf_name == "attn_q":
                 array = llama_cpp_permute(array, config.num_attention_heads)
-            elif gguf_name == "attn_k":
+            elif arch == "llama" and gguf_name == "attn_k":
                 array = llama_cpp_permute(array, config.num_key_value_heads)
-            tensors[f"blk.{index}.{gguf_name}.weight"] = array
+            tensors[f"blk.{index}.{gguf_name}.{kind}"] = array
         elif not (module == "lm_head" and config.tie_word_embeddings):
-            tensors[f"{HF_TO_GGUF_TOP[module]}.weight"] = array
+            tensors[f"{HF_TO_GGUF_TOP[module]}.{kind}"] = array
     return tensors
+
+
+def llama_cpp_rope_factors(config) -> np.ndarray:
+    """The rope_freqs tensor llama.cpp's converter writes for Llama 3 rope scaling (its per-frequency loop)."""
+    rope = config.rope_parameters
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    context, low, high = rope["original_max_position_embeddings"], rope["low_freq_factor"], rope["high_freq_factor"]
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * rope["rope_theta"] ** (i / head_dim)
+        if wavelength < context / high:
+            factors.append(1.0)
+        elif wavelength > context / low:
+            factors.append(rope["factor"])
+        else:
+            smooth = (context / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
 
 
 def tiny_gpt2_vocab(size: int) -> tuple[list[str], list[int], list[str]]:
@@ -72,9 +92,12 @@ def tiny_gpt2_vocab(size: int) -> tuple[list[str], list[int], list[str]]:
     return control + normal + user_defined, [int(t) for t in types], merges
 
 
-def write_gguf(path: Path, hf_model, qtype=Q.F32, tokenizer: str = "gpt2") -> Path:
+def write_gguf(path: Path, hf_model, qtype=Q.F32, tokenizer: str = "gpt2", arch: str = "llama",
+               sliding_window: int | None = None, pre: str = "smollm") -> Path:
+    """The file llama.cpp's converter writes: llama (LLaMA 1-3, Mistral) or qwen2 metadata, names and tensors."""
     config = hf_model.config
-    writer = gguf.GGUFWriter(path, "llama")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -83,18 +106,26 @@ def write_gguf(path: Path, hf_model, qtype=Q.F32, tokenizer: str = "gpt2") -> Pa
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
-    writer.add_vocab_size(config.vocab_size)
+    if head_dim != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if arch == "llama":  # llama.cpp writes these two for llama only
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_vocab_size(config.vocab_size)
+    if sliding_window is not None:
+        writer.add_sliding_window(sliding_window)
+    if config.rope_parameters.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(config))
     tokens, types, merges = tiny_gpt2_vocab(config.vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_add_bos_token(False)
-    for name, array in gguf_tensors(hf_model).items():
+    for name, array in gguf_tensors(hf_model, arch).items():
         # llama.cpp keeps the norm vectors in F32 whatever the file's quantization.
         tensor_type = Q.F32 if array.ndim == 1 else qtype
         writer.add_tensor(name, gguf.quants.quantize(array, tensor_type), raw_dtype=tensor_type)
@@ -291,3 +322,78 @@ def test_cli_converts(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "tiny" in result.stdout and len(result.stdout.strip().splitlines()) == 1
     assert_same_logits(tmp_path / "tiny", hf_model)
+
+
+# ---------------------------------------------------------------------- Llama 3, Mistral, Qwen2
+@pytest.mark.parametrize("name, arch", [
+    ("llama3.1-scaled", "llama"),
+    ("llama3.2-tied", "llama"),
+    ("qwen2-tied", "qwen2"),
+    ("qwen2-gqa", "qwen2"),
+])
+def test_family_ggufs_match_transformers(tmp_path, name, arch):
+    hf_model = make_hf_family(name, vocab_size=104)
+    config = convert_gguf_checkpoint(write_gguf(tmp_path / "model.gguf", hf_model, arch=arch), tmp_path / "out")
+    assert config.attn_bias == (arch == "qwen2") and not config.bias
+    assert config.tie_embeddings == hf_model.config.tie_word_embeddings
+    assert_same_logits(tmp_path / "out", hf_model)
+    if arch == "llama":
+        # The rope_freqs tensor became parameters that give the model's frequencies (the file's context
+        # length is 8192, llama.cpp's assumption, so the factors scale with it: only their ratios matter).
+        scaling, hf_rope = config.rope_scaling, hf_model.config.rope_parameters
+        assert scaling["factor"] == hf_rope["factor"] and scaling["original_max_position_embeddings"] == 8192
+        ratio = 8192 / hf_rope["original_max_position_embeddings"]
+        assert scaling["low_freq_factor"] == pytest.approx(hf_rope["low_freq_factor"] * ratio, rel=1e-6)
+        assert scaling["high_freq_factor"] == pytest.approx(hf_rope["high_freq_factor"] * ratio, rel=1e-6)
+
+
+def test_llama3_gguf_without_its_rope_freqs_would_not_match(tmp_path):
+    """The rope_freqs tensor is what carries Llama 3's scaling: the parity above depends on reading it."""
+    hf_model = make_hf_family("llama3.1-scaled", vocab_size=104)
+    convert_gguf_checkpoint(write_gguf(tmp_path / "model.gguf", hf_model), tmp_path / "out")
+    config = Config.from_checkpoint(tmp_path / "out", rope_scaling=None)
+    model = GPT(config).eval()
+    model.load_state_dict(load_state_dict(tmp_path / "out" / "lit_model.pth"))
+    ids = torch.randint(0, 104, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids) - hf_model(ids).logits).abs().max() > 1e-2
+
+
+def test_mistral_gguf_takes_its_sliding_window_from_the_metadata(tmp_path):
+    hf_model = make_hf_family("mistral-window", vocab_size=104)
+    config = convert_gguf_checkpoint(write_gguf(tmp_path / "with.gguf", hf_model, sliding_window=8), tmp_path / "a")
+    assert config.sliding_window == 8
+    assert_same_logits(tmp_path / "a", hf_model)
+    # llama.cpp's converter does not write the window for Mistral: such a file converts without one.
+    assert convert_gguf_checkpoint(write_gguf(tmp_path / "without.gguf", hf_model), tmp_path / "b").sliding_window \
+        is None
+
+
+def test_rope_freqs_that_are_not_llama3_scaling_are_refused(tmp_path):
+    hf_model = make_hf_family("llama3.1-scaled", vocab_size=104)
+    path = write_gguf(tmp_path / "model.gguf", hf_model)
+    data = bytearray(path.read_bytes())
+    factors = llama_cpp_rope_factors(hf_model.config)
+    offset = bytes(data).index(factors.tobytes())
+    odd = factors.copy()
+    odd[1] = 1.5  # a high frequency slowed: no llama3 parameters do that
+    data[offset : offset + odd.nbytes] = odd.tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="does not follow Llama 3's rope scaling"):
+        convert_gguf_checkpoint(path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("pre, pieces", [
+    # Llama 3 cuts digits in threes, Qwen2 one by one; both keep a space before a digit on its own, and newlines
+    # with the punctuation before them.
+    ("llama-bpe", ["I", "'ve", "Ġ", "123", "45", "Ġcats", "!!Ċ"]),
+    ("qwen2", ["I", "'ve", "Ġ", "1", "2", "3", "4", "5", "Ġcats", "!!Ċ"]),
+])
+def test_llama3_and_qwen2_pre_tokenizers_split_like_their_tokenizer_json(tmp_path, pre, pieces):
+    hf_model = make_hf_model("llama2-mha")
+    convert_gguf_checkpoint(write_gguf(tmp_path / "model.gguf", hf_model, pre=pre), tmp_path / "out")
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tokenizer = HFTokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    split = tokenizer.pre_tokenizer.pre_tokenize_str("I've 12345 cats!!\n")
+    assert [piece for piece, _ in split] == pieces

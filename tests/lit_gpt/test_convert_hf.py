@@ -6,10 +6,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_HF_CONFIGS, assert_one_line_error, make_hf_llama, run_script, script_main
+from conftest import (
+    TINY_HF_CONFIGS,
+    TINY_HF_FAMILIES,
+    assert_one_line_error,
+    make_hf_family,
+    make_hf_llama,
+    run_script,
+    save_random_checkpoint,
+    script_main,
+)
 from lit_gpt.checkpoint import load_model
 from lit_gpt.config import Config
 from lit_gpt.convert import convert_hf_checkpoint, convert_lit_checkpoint, fuse_qkv, split_qkv
+from lit_gpt.model import GPT
 from lit_gpt.utils import UserError
 
 transformers = pytest.importorskip("transformers")
@@ -253,3 +263,109 @@ def test_download_without_network_says_the_hub_is_unreachable(tmp_path):
 
 def test_download_rejects_a_malformed_repo_id():
     assert_one_line_error(run_script("download.py", "--repo_id", "Llama-2-7b-hf"), "ORG/NAME")
+
+
+# ---------------------------------------------------------------------- Llama 3, Mistral, Qwen2
+def family_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@pytest.mark.parametrize("name", sorted(TINY_HF_FAMILIES))
+def test_families_convert_both_ways_with_hf_logits(tmp_path, name):
+    hf_model = make_hf_family(name)
+    folder = save_hf(hf_model, tmp_path / name)
+    config = convert_hf_checkpoint(folder)
+    ids = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(1))  # 40 > the window of 8
+    expected = family_logits(hf_model, ids)
+    assert expected.abs().max() > 1.0  # the comparison is not vacuous
+    assert (family_logits(load_model(folder).eval(), ids) - expected).abs().max().item() <= 1e-4
+
+    # Back to HF: the same tensors, and a config.json that from_pretrained reads as the same model.
+    out = convert_lit_checkpoint(folder, tmp_path / "back")
+    original = {k: v for k, v in hf_model.state_dict().items()
+                if not (k == "lm_head.weight" and hf_model.config.tie_word_embeddings)}
+    round_tripped = load_file(str(out))
+    assert round_tripped.keys() == original.keys()
+    assert all(torch.equal(round_tripped[k], v) for k, v in original.items())
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert type(reloaded) is type(hf_model)
+    assert (family_logits(reloaded, ids) - expected).abs().max().item() <= 1e-4
+    assert Config.from_hf_config(tmp_path / "back" / "config.json", name=config.name) == config
+
+
+@pytest.mark.parametrize("name, ignore", [
+    ("llama3.1-scaled", dict(rope_scaling=None)),
+    ("llama3.2-tied", dict(rope_scaling=None)),
+    ("mistral-window", dict(sliding_window=None)),
+])
+def test_what_sets_a_family_apart_changes_the_logits(tmp_path, name, ignore):
+    """The parity above would pass for a model that ignored the feature if the feature did not matter."""
+    hf_model = make_hf_family(name)
+    folder = save_hf(hf_model, tmp_path / name)
+    convert_hf_checkpoint(folder)
+    ids = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(1))
+    config = Config.from_checkpoint(folder, **ignore)
+    model = GPT(config).eval()
+    model.load_state_dict(torch.load(folder / "lit_model.pth", weights_only=True))
+    assert (family_logits(model, ids) - family_logits(hf_model, ids)).abs().max().item() > 1e-2
+
+
+def test_qwen2_biases_matter_and_split_per_query_group(tmp_path):
+    hf_model = make_hf_family("qwen2-gqa")
+    folder = save_hf(hf_model, tmp_path / "qwen")
+    convert_hf_checkpoint(folder)
+    state_dict = torch.load(folder / "lit_model.pth", weights_only=True)
+    config = Config.from_checkpoint(folder)
+    assert (config.bias, config.attn_bias) == (False, True)
+    assert {k for k in state_dict if k.endswith(".bias")} == {f"transformer.h.{i}.attn.attn.bias" for i in range(2)}
+    # head_size 16, 4 q heads per group: group 1's k bias is rows 16*(6+4)..16*(6+5) of the fused vector.
+    layer = hf_model.model.layers[0].self_attn
+    fused = state_dict["transformer.h.0.attn.attn.bias"]
+    assert torch.equal(fused[160:176], layer.k_proj.bias[16:32].detach())
+    assert torch.equal(fused[96:160], layer.q_proj.bias[64:128].detach())
+
+    state_dict = {k: torch.zeros_like(v) if k.endswith(".bias") else v for k, v in state_dict.items()}
+    model = GPT(config).eval()
+    model.load_state_dict(state_dict)
+    ids = torch.randint(0, 101, (1, 16))
+    assert (family_logits(model, ids) - family_logits(hf_model, ids)).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("fields, family", [
+    (dict(attn_bias=True), "Qwen2"),
+    (dict(sliding_window=6), "Mistral"),
+    (dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                            original_max_position_embeddings=32)), "Llama"),
+    (dict(bias=True), "Llama"),
+])
+def test_lit_checkpoints_export_to_the_matching_transformers_model(tmp_path, fields, family):
+    """Starting from lit weights (random, biases included): transformers computes the same logits."""
+    config = Config(name="tiny", n_layer=2, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=96,
+                    vocab_size=97, block_size=64, **fields)
+    torch.manual_seed(0)
+    model = GPT(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    folder = tmp_path / "lit"
+    folder.mkdir()
+    config.save(folder)
+    torch.save(model.state_dict(), folder / "lit_model.pth")
+
+    convert_lit_checkpoint(folder, tmp_path / "hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf_model).__name__ == f"{family}ForCausalLM"
+    ids = torch.randint(0, 97, (2, 24))
+    expected = family_logits(model.eval(), ids)
+    assert expected.abs().max() > 1.0
+    assert (family_logits(hf_model, ids) - expected).abs().max().item() <= 1e-4
+
+
+def test_configs_transformers_cannot_hold_are_refused_on_export(tmp_path):
+    config = Config(name="odd", n_layer=1, n_head=2, n_embd=16, intermediate_size=8, vocab_size=8, block_size=8,
+                    attn_bias=True, sliding_window=4)
+    save_random_checkpoint(tmp_path / "odd", config)
+    with pytest.raises(UserError, match="qkv-only bias and a sliding window"):
+        convert_lit_checkpoint(tmp_path / "odd", tmp_path / "out")

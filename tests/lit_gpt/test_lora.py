@@ -68,3 +68,24 @@ def test_lora_state_dict_holds_only_adapters():
 def test_rank_must_be_positive():
     with pytest.raises(ValueError, match="rank"):
         add_lora(base_model(), LoRAConfig(r=0))
+
+
+def test_a_qkv_bias_stays_with_its_base_weight_frozen_under_lora_and_trained_without():
+    config = Config(**{**CONFIG.__dict__, "attn_bias": True})
+    torch.manual_seed(0)
+    base = GPT(config)
+    with torch.no_grad():
+        for block in base.transformer.h:
+            block.attn.attn.bias.normal_()
+    model = add_lora(GPT(config), LoRAConfig())
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    assert unexpected == [] and all("lora_" in k for k in missing)
+    bias = model.transformer.h[0].attn.attn.linear.bias
+    assert torch.equal(bias, base.transformer.h[0].attn.attn.bias) and not bias.requires_grad
+    ids = torch.randint(0, 50, (2, 10))
+    torch.testing.assert_close(model(ids), base(ids))  # the bias is applied through the LoRA wrapper
+    model(ids).sum().backward()
+    assert bias.grad is None and model.transformer.h[0].attn.attn.lora_A.grad is not None
+
+    base(ids).sum().backward()  # full fine-tuning: the bias trains like the weights
+    assert base.transformer.h[0].attn.attn.bias.grad.abs().sum() > 0

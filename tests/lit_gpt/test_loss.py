@@ -180,3 +180,43 @@ def test_a_second_backward_through_the_chunked_loss_is_a_clear_error(one_thread)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="runs once"):
         loss.backward()
+
+
+@pytest.mark.parametrize("tied, lora", [(True, False), (False, False), (False, True), (True, True)],
+                         ids=["tied", "untied", "lora-head", "tied-lora"])
+def test_the_recomputing_chunked_loss_backpropagates_one_forward_many_times(tied, lora, one_thread):
+    """What sensitivity calibration does: gradients of one forward taken again and again (retain_graph), some only
+    down to the hidden states, some scaled; each equals the full-logits one."""
+    full, chunked = tiny_model(tied, lora), None
+    chunked = copy.deepcopy(full)
+    ids, labels = batch()
+    grads = {}
+    expected = next_token_loss(full(ids), labels)
+    loss = chunked_next_token_loss(chunked, chunked(ids, return_hidden=True), labels, chunk_size=7, recompute=True)
+    assert abs(loss.item() - expected.item()) < 1e-5
+    for model, value in ((full, expected), (chunked, loss)):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        below_head = [p for n, p in named if not n.startswith(("lm_head", "transformer.wte"))][-1]
+        first = torch.autograd.grad(value, [p for _, p in named], retain_graph=True)
+        again = torch.autograd.grad(value, [p for _, p in named], grad_outputs=torch.tensor(-2.0), retain_graph=True)
+        partial = torch.autograd.grad(value, below_head, retain_graph=True)  # the head's weights need nothing
+        grads[model is chunked] = (first, again, partial)
+    for want, got in zip(grads[False], grads[True]):
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+    for first, again in zip(*grads[True][:2]):
+        torch.testing.assert_close(again, -2 * first, rtol=1e-6, atol=1e-7)
+
+
+def test_the_recomputing_chunked_loss_keeps_only_its_inputs_and_one_number_per_token(one_thread):
+    """Between forward and backward it keeps the hidden states, the weights and each token's log-sum-exp: no
+    (tokens x vocab) tensor, and no weight-sized gradient either."""
+    T = 33
+    ids, labels = batch(T)
+    model = tiny_model(tied=True)
+    hidden = model(ids, return_hidden=True)
+    loss = chunked_next_token_loss(model, hidden, labels, chunk_size=8, recompute=True)
+    kept = loss.grad_fn.next_functions[0][0].saved_tensors
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    own = [t for t in kept if t is not None and t.untyped_storage().data_ptr() not in weights]
+    assert sorted(t.numel() for t in own) == sorted([3 * T, 3 * T, 3 * T * 32])  # targets, log-sum-exps, hidden

@@ -1,9 +1,11 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lit_gpt import GPT, Config
-from lit_gpt.model import apply_rope, build_rope_cache
+from lit_gpt.model import apply_rope, build_rope_cache, rope_frequencies
 
 TINY = dict(n_layer=2, n_embd=64, intermediate_size=96, vocab_size=97, block_size=48)
 
@@ -105,3 +107,58 @@ def test_rope_cache_follows_the_device_not_the_dtype():
     model = tiny_model().to(torch.bfloat16)
     cos, _ = model.rope_cache(torch.device("cpu"))
     assert cos.dtype == torch.float32
+
+
+def test_llama3_rope_frequencies_follow_meta_s_piecewise_rule():
+    """Against the rule as Meta states it, one frequency at a time (the code under test works on whole tensors)."""
+    scaling = Config.from_name("Llama-3.1-8B").rope_scaling
+    factor, low, high, context = (scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                       "original_max_position_embeddings"))
+    expected = []
+    for i in range(64):
+        freq = 1.0 / 500000.0 ** (2 * i / 128)
+        wavelength = 2 * math.pi / freq
+        if wavelength < context / high:
+            expected.append(freq)
+        elif wavelength > context / low:
+            expected.append(freq / factor)
+        else:
+            smooth = (context / wavelength - low) / (high - low)
+            expected.append((1 - smooth) * freq / factor + smooth * freq)
+    actual = rope_frequencies(128, 500000.0, scaling)
+    torch.testing.assert_close(actual, torch.tensor(expected), rtol=1e-5, atol=0)
+    plain = rope_frequencies(128, 500000.0)
+    assert torch.equal(actual[:20], plain[:20])  # short wavelengths untouched
+    torch.testing.assert_close(actual[-10:], plain[-10:] / 8)  # long ones slowed by the factor
+    assert ((actual != plain) & (actual != plain / 8)).sum() >= 5  # and some blended in between
+
+
+def test_sliding_window_limits_how_far_back_a_token_can_see():
+    """With window 4, each layer looks back 3 positions: after 2 layers, token 0 reaches positions 0..6 only."""
+    model = tiny_model(n_query_groups=2, sliding_window=4)
+    ids = torch.randint(1, 97, (1, 16))
+    changed = ids.clone()
+    changed[0, 0] = 0
+    with torch.no_grad():
+        difference = (model(ids) - model(changed)).abs().amax(dim=-1)[0]
+    assert (difference[:7] > 1e-4).all()
+    assert (difference[7:] == 0).all()
+
+
+def test_kv_cache_decoding_with_a_sliding_window_matches_the_full_forward():
+    model = tiny_model(n_query_groups=2, sliding_window=5)
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full = model(ids)
+        model.set_kv_cache(batch_size=2, max_seq_length=24)
+        steps = [model(ids[:, :7], torch.arange(7))]  # the prompt alone is longer than the window
+        steps += [model(ids[:, t : t + 1], torch.tensor([t])) for t in range(7, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+    assert (full - tiny_model(n_query_groups=2)(ids)).abs().max() > 1e-3  # the window changed something
+
+
+def test_attn_bias_puts_a_bias_on_the_qkv_projection_only():
+    model = tiny_model(n_query_groups=2, attn_bias=True)
+    biases = sorted(name for name, _ in model.named_parameters() if name.endswith(".bias"))
+    assert biases == ["transformer.h.0.attn.attn.bias", "transformer.h.1.attn.attn.bias"]
+    assert model.transformer.h[0].attn.attn.bias.shape == (model.config.qkv_size,)
