@@ -1,6 +1,7 @@
 """HF <-> lit conversion: logit parity with transformers, exact round trips, and clear errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,20 +197,33 @@ def test_hf_conversion_that_fails_writing_keeps_the_previous_output_whole(tmp_pa
     assert {t.dtype for t in torch.load(folder / "lit_model.pth", weights_only=True).values()} == {torch.bfloat16}
 
 
-def test_lit_conversion_that_fails_writing_leaves_nothing_and_a_rerun_succeeds(tmp_path, monkeypatch):
-    import lit_gpt.convert
+def test_lit_conversion_that_fails_writing_leaves_nothing_and_keeps_the_previous_export(tmp_path, monkeypatch):
+    import huggingface_hub
 
     hf_model = make_hf_llama("llama70b-gqa")
     folder = save_hf(hf_model, tmp_path / "m")
     convert_hf_checkpoint(folder)
-    out = tmp_path / "back"
-    with monkeypatch.context() as patch:
-        patch.setattr(lit_gpt.convert, "save_file", lambda tensors, path, metadata=None: write_half_then_fail(path))
+    out = tmp_path / "exports" / "back"
+
+    def write_a_shard_then_fail(state_dict, save_directory, **kwargs):
+        write_half_then_fail(Path(save_directory) / "model.safetensors")
+
+    def export() -> None:
+        run_setup("convert_lit_checkpoint", "--checkpoint_dir", str(folder), "--output_dir", str(out))
+
+    with monkeypatch.context() as patch:  # the disk fills up while the first shard is written
+        patch.setattr(huggingface_hub, "save_torch_state_dict", write_a_shard_then_fail)
         with pytest.raises(OSError, match="No space left"):
-            run_setup("convert_lit_checkpoint", "--checkpoint_dir", str(folder), "--output_dir", str(out))
-    assert not out.exists() or leftovers(out) == []
-    run_setup("convert_lit_checkpoint", "--checkpoint_dir", str(folder), "--output_dir", str(out))
-    assert leftovers(out) == ["config.json", "model.safetensors"]
+            export()
+    assert sorted(p.name for p in out.parent.iterdir()) == []  # no half-written folder, visible or hidden
+    export()
+    exported = (out / "model.safetensors").read_bytes()
+    with monkeypatch.context() as patch:  # an export over an earlier one fails: the earlier one stays whole
+        patch.setattr(huggingface_hub, "save_torch_state_dict", write_a_shard_then_fail)
+        with pytest.raises(OSError, match="No space left"):
+            export()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["back"]
+    assert (out / "model.safetensors").read_bytes() == exported
     reloaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, 101, (1, 12))
     with torch.no_grad():
