@@ -263,8 +263,8 @@ def test_infinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(ti
 
     if where == "training":  # two micro-batches per step: the third call is step 2's first micro-batch
         make_loss_infinite(monkeypatch, lit_gpt.loss, "chunked_next_token_loss", from_call=3)
-    else:  # calibration runs at step 1 of 10 (10 %), before that step's micro-batches
-        make_loss_infinite(monkeypatch, lit_gpt.methods.dropbp, "next_token_loss", from_call=1)
+    else:  # calibration runs at step 1 of 10 (10 %), before that step's micro-batches, on the training loss
+        make_loss_infinite(monkeypatch, lit_gpt.methods.dropbp, "chunked_next_token_loss", from_call=1)
     out_dir = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         cli("lora", argv=flags(tiny, out_dir, "--train.save_interval", "1", "--train.sample_tokens", "0"))
