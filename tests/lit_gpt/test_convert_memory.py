@@ -1,6 +1,7 @@
 """The README's "shards are read tensor by tensor, so a 70B model never sits in RAM twice", measured.
 
-A ~200 MB float32 checkpoint in 8 shards is converted to float16 in a fresh process. Every converted tensor is a
+A ~200 MB float32 checkpoint in 8 shards is converted to float16 in a fresh process, whose peak resident memory
+the kernel records (tests/helpers/convert_memory_worker.py). Every converted tensor is a
 new float16 copy, so the converted state dict (about 100 MB) must be in memory whole before it is saved; reading
 lazily adds at most the shard being read. Reading every shard first, as an eager converter does, adds the whole
 checkpoint on top: the model then sits in memory twice (float32 and float16).
@@ -22,8 +23,8 @@ from conftest import ROOT
 WORKER = ROOT / "tests" / "helpers" / "convert_memory_worker.py"
 MiB = 2**20
 # Allocator transients of the lazy conversion (a layer's q, k and v cast, then fused; freed memory glibc keeps):
-# measured 17 MiB above the output plus one shard; an eager read overshoots the bound by about 150 MiB.
-TRANSIENTS = 32 * MiB
+# measured 3-18 MiB above the output plus one shard over five runs; an eager read measured 298-313 MiB in all.
+TRANSIENTS = 48 * MiB
 
 
 def write_hf_checkpoint(folder: Path, n_embd: int, intermediate: int, n_layer: int, shards: int) -> int:
@@ -66,7 +67,7 @@ def peak_growth(mode: str, checkpoint_dir: Path, warmup_dir: Path) -> int:
     return json.loads(result.stdout.strip().splitlines()[-1])["growth"]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux only")
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS (VmHWM)")
 def test_lazy_conversion_holds_the_output_and_one_shard_not_the_model_twice(tmp_path):
     params = write_hf_checkpoint(tmp_path / "big", n_embd=512, intermediate=1376, n_layer=16, shards=8)
     write_hf_checkpoint(tmp_path / "warmup", n_embd=64, intermediate=128, n_layer=16, shards=8)
@@ -84,4 +85,4 @@ def test_lazy_conversion_holds_the_output_and_one_shard_not_the_model_twice(tmp_
     assert sum(t.numel() for t in converted.values()) == params  # it converted everything
     assert {t.dtype for t in converted.values()} == {torch.float16}
     assert lazy < bound
-    assert eager > bound + input_bytes / 2  # the harness does see a model held twice
+    assert eager > bound + input_bytes / 4  # the harness does see a model held twice
