@@ -161,6 +161,16 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: float 
     )
 
 
+def script_main(name: str):
+    """The module of `scripts/<name>.py`, to run its function in-process (seconds, not a new interpreter)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     """The script failed with a single `error: ...` line naming what to do, and no traceback."""
     assert result.returncode != 0, result.stdout
@@ -169,6 +179,20 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def assert_plot(path: Path, width_inches: float, height_inches: float, dpi: int) -> None:
+    """`path` decodes as a PNG of the figure's size in pixels, with data drawn on it, not only axes and text.
+
+    The data (bars, lines) is in colour; empty axes, ticks and labels are black, grey and white only.
+    """
+    from matplotlib.image import imread
+
+    image = imread(path)[..., :3]  # raises on a file that is not a whole PNG
+    assert image.shape[:2] == (round(height_inches * dpi), round(width_inches * dpi)), image.shape
+    coloured = (image.max(axis=-1) - image.min(axis=-1) > 0.2).mean()
+    ink = (image < 0.9).any(axis=-1).mean()  # pixels that are not (near) white
+    assert coloured > 0.001 and ink < 0.9, (coloured, ink)
 
 
 # ---------------------------------------------------------------------- what a fine-tuning run left behind

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench import drop_rates
-from conftest import add_sentencepiece_tokenizer, save_random_checkpoint
+from conftest import add_sentencepiece_tokenizer, assert_plot, save_random_checkpoint
 from lit_gpt import Config
 from lit_gpt.utils import UserError
 
@@ -74,8 +74,9 @@ def test_outputs_are_written(bench_run):
     assert drop_rates.table4(runs) in report
     saved = json.loads((out / "drop_rates.json").read_text())
     assert [r["final_val_loss"] for r in saved["runs"]] == [r["final_val_loss"] for r in runs]
-    for png in ("drop_rates_lr0.01.png", "drop_rates_lr0.03.png", "val_loss.png"):  # one per calibrated run
-        assert (out / png).stat().st_size > 10_000
+    for png in ("drop_rates_lr0.01.png", "drop_rates_lr0.03.png"):  # one per calibrated run: rates and sensitivities
+        assert_plot(out / png, 6.0, 2 * 3.2, dpi=120)  # 4 layers: the minimum width
+    assert_plot(out / "val_loss.png", 2 * 5.2, 4.0, dpi=110)  # a panel per learning rate
 
 
 def test_table4_reports_the_difference_with_its_sign():

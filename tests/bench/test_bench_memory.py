@@ -16,7 +16,7 @@ import torch
 
 import lit_gpt.loss as memory_loss
 from bench import memory
-from conftest import ROOT, assert_one_line_error
+from conftest import ROOT, assert_one_line_error, assert_plot
 from lit_gpt.config import Config
 from lit_gpt.utils import UserError
 
@@ -220,7 +220,8 @@ def test_main_writes_its_tables_and_plots(tmp_path, monkeypatch):
     assert "Machine:" in text and "Command: `python -m bench.memory" in text and "| full | 0.875 |" in text
     assert "| lora | PLD θ̄=0.5 |" in text and "chunked head + loss" in text
     assert json.loads((out / "memory.json").read_text())["rows"][0]["method"] == "full"
-    assert (out / "memory_breakdown.png").stat().st_size > 0 and (out / "memory_longest.png").stat().st_size > 0
+    assert_plot(out / "memory_breakdown.png", max(6.0, 0.62 * len(result["rows"]) + 1.5), 4.6, dpi=120)
+    assert_plot(out / "memory_longest.png", 6.4, 4.4, dpi=120)
 
 
 @pytest.mark.parametrize("kwargs, fragment", [

@@ -341,20 +341,29 @@ def test_training_forward_leaves_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_realised_drop_rate_is_logged():
+def test_realised_drop_rate_is_the_flops_share_of_the_dropped_branches():
     model = make_model(n_layer=4)
     handler = DropBPHandler(model, seed=0)
-    rates = [0.0, 1.0, 0.5, 0.5, 0.25, 0.75, 0.0, 1.0]
-    handler.set_drop_rates(rates)
+    flops = [1.0, 2.0] * 4  # each MLP branch costs twice its attention branch: 12 in all
+    handler.set_branch_flops(flops)
+    # Branches 0 and 6 are never dropped, 1 and 7 always (4 of the 12 FLOPs), the rest at random.
+    handler.set_drop_rates([0.0, 1.0, 0.5, 0.5, 0.25, 0.75, 0.0, 1.0])
     ids, _ = make_batch()
     realised = []
     for _ in range(200):
         model(ids)
+        dropped = handler.dropped
+        assert sum(dropped) == 4 and not dropped[0] and dropped[1] and not dropped[6] and dropped[7]
+        share = sum(f for f, d in zip(flops, dropped) if d) / 12
+        assert handler.realised_drop_rate == pytest.approx(share, rel=1e-12)
         realised.append(handler.realised_drop_rate)
-        assert handler.realised_drop_rate == dropped_fraction([float(d) for d in handler.dropped], handler.branch_flops)
+    # The rates sum to 4, so systematic sampling drops exactly 4 branches: 1, 7 and two of 2-5 (FLOPs 1, 2, 1, 2),
+    # that is 4 + 2, 3 or 4 of the 12 FLOPs.
+    assert sorted(set(realised)) == pytest.approx([6 / 12, 7 / 12, 8 / 12], rel=1e-12)
     assert handler.mean_realised_drop_rate == pytest.approx(sum(realised) / len(realised))
-    expected = dropped_fraction(rates, handler.branch_flops)
-    assert handler.mean_realised_drop_rate == pytest.approx(expected, abs=0.03)
+    # In expectation: (0 + 1 * 2 + 0.5 * 1 + 0.5 * 2 + 0.25 * 1 + 0.75 * 2 + 0 + 1 * 2) / 12 = 7.25 / 12; the
+    # standard error of 200 draws is about 0.01.
+    assert handler.mean_realised_drop_rate == pytest.approx(7.25 / 12, abs=0.03)
 
 
 # ---------------------------------------------------------------------------------------------- 7. calibration

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, add_sentencepiece_tokenizer, save_random_checkpoint, tiny_config
+from conftest import ROOT, add_sentencepiece_tokenizer, save_random_checkpoint, script_main, tiny_config
 from lit_gpt.checkpoint import load_model
 from lit_gpt.generate import generate_tokens
 from lit_gpt.tokenizer import Tokenizer
@@ -78,3 +78,57 @@ def test_piped_stdin_chats_and_quits(model_dir):
     assert result.returncode == 0, result.stderr
     assert "(new conversation)" in result.stderr and "Traceback" not in result.stderr
     assert result.stdout.strip(), result.stdout
+
+
+# ---------------------------------------------------------------------- the chat template: default and --chat_template
+ALPACA_HEAD = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+               "request.\n\n### Instruction:\n")
+
+
+@pytest.fixture(scope="module")
+def instruct_dir(tmp_path_factory):
+    """An instruct model (the name says so) whose tokenizer has a chat template."""
+    folder = save_random_checkpoint(add_sentencepiece_tokenizer(tmp_path_factory.mktemp("chat") / "tiny-Instruct"),
+                                    tiny_config(name="tiny-Instruct", block_size=64))
+    (folder / "chat_template.jinja").write_text(TEMPLATE)
+    return folder
+
+
+def prompts_of(monkeypatch, script: str, *args: str, stdin: str = "") -> list[str]:
+    """Run `scripts/<script>.py ARGS` in this process; the texts it tokenized as prompts, in order."""
+    from lit_gpt.utils import run_cli
+
+    texts = []
+    encode = Tokenizer.encode
+
+    def recording_encode(self, text, *rest, **kwargs):
+        texts.append(text)
+        return encode(self, text, *rest, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Tokenizer, "encode", recording_encode)
+        patch.setattr(sys, "stdin", io.StringIO(stdin))
+        run_cli(script_main(script).setup, args=[*args, "--max_new_tokens", "3", "--temperature", "0"])
+    return texts
+
+
+def test_generate_applies_the_chat_template_to_instruct_models_unless_told_not_to(instruct_dir, model_dir,
+                                                                                  monkeypatch):
+    def prompt(folder, *flags):
+        return prompts_of(monkeypatch, "generate", "--checkpoint_dir", str(folder), "--prompt", "hello", *flags)
+
+    assert prompt(instruct_dir) == ["user: hello\nassistant:"]  # the default for an instruct model with a template
+    assert prompt(instruct_dir, "--chat_template", "false") == ["hello"]  # the prompt as it is
+    assert prompt(model_dir) == ["hello"]  # a base model: not by default, even with a template
+    assert prompt(model_dir, "--chat_template", "true") == ["user: hello\nassistant:"]  # forced
+
+
+def test_chat_sends_whole_conversations_with_the_template_and_single_alpaca_prompts_without(model_dir, monkeypatch):
+    chat_flags = ["--checkpoint_dir", str(model_dir)]
+    first, second = prompts_of(monkeypatch, "chat", *chat_flags, stdin="hello\nagain\n/quit\n")
+    assert first == "user: hello\nassistant:"  # the default when the tokenizer has a template
+    assert second.startswith("user: hello\nassistant:") and second.endswith("\nuser: again\nassistant:")
+    first, second = prompts_of(monkeypatch, "chat", *chat_flags, "--chat_template", "false",
+                               stdin="hello\nagain\n/quit\n")
+    assert first == ALPACA_HEAD + "hello\n\n### Response:\n"
+    assert second == ALPACA_HEAD + "again\n\n### Response:\n"  # answered alone: nothing of the first exchange

@@ -1,6 +1,7 @@
 """HF <-> lit conversion: logit parity with transformers, exact round trips, and clear errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from conftest import (
     make_hf_llama,
     run_script,
     save_random_checkpoint,
+    script_main,
 )
 from lit_gpt.checkpoint import load_model
 from lit_gpt.config import Config
@@ -113,6 +115,119 @@ def test_conversion_writes_nothing_when_it_fails(tmp_path):
     with pytest.raises(UserError):
         convert_hf_checkpoint(folder, model_name="SmolLM2-135M")
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith((".", "lit_"))) == []
+
+
+
+# ---------------------------------------------------------------------- a conversion that dies midway
+def leftovers(folder) -> list[str]:
+    """What a conversion may have written into `folder`: lit_* outputs, HF outputs and hidden temporary files."""
+    names = ("lit_model.pth", "lit_config.json", "model.safetensors", "config.json")
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.name in names)
+
+
+def run_setup(script: str, *args: str) -> None:
+    """`scripts/<script>.py ARGS` in this process (through `run_cli`), so that a test can patch what it calls."""
+    from lit_gpt.utils import run_cli
+
+    run_cli(script_main(script).setup, args=list(args))
+
+
+def write_half_then_fail(path) -> None:
+    """What a full disk does to a write: part of the file lands, then the write fails."""
+    with open(path, "wb") as f:
+        f.write(b"\0" * 4096)
+    raise OSError(28, "No space left on device")
+
+
+def assert_converted(folder, hf_model) -> None:
+    ids = torch.randint(0, 101, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(folder)(ids), hf_model(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_hf_conversion_that_fails_reading_a_shard_midway_leaves_nothing_and_a_rerun_succeeds(tmp_path, monkeypatch,
+                                                                                             capsys):
+    import lit_gpt.convert
+
+    hf_model = make_hf_llama("llama2-mha")
+    folder = save_hf(hf_model, tmp_path / "m")
+    shards = sorted(folder.glob("*.safetensors"))
+    assert len(shards) > 3
+    true_safe_open, failing_shard = lit_gpt.convert.safe_open, str(shards[len(shards) // 2])
+
+    class FailingHandle:  # the middle shard's tensors fail to read (an I/O error on a bad disk sector, say)
+        def __init__(self, handle):
+            self.handle = handle
+
+        def keys(self):
+            return self.handle.keys()
+
+        def get_tensor(self, name):
+            raise OSError(5, "Input/output error")
+
+    def safe_open(path, framework):
+        handle = true_safe_open(path, framework=framework)
+        return FailingHandle(handle) if path == failing_shard else handle
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lit_gpt.convert, "safe_open", safe_open)
+        with pytest.raises(SystemExit) as exit_info:
+            run_setup("convert_hf_checkpoint", "--checkpoint_dir", str(folder))
+    assert exit_info.value.code == 2
+    assert f"error: could not read {failing_shard}" in capsys.readouterr().err
+    assert leftovers(folder) == ["config.json"]  # the HF folder's own config.json, nothing written
+    run_setup("convert_hf_checkpoint", "--checkpoint_dir", str(folder))
+    assert leftovers(folder) == ["config.json", "lit_config.json", "lit_model.pth"]
+    assert_converted(folder, hf_model)
+
+
+def test_hf_conversion_that_fails_writing_keeps_the_previous_output_whole(tmp_path, monkeypatch):
+    hf_model = make_hf_llama("llama2-mha")
+    folder = save_hf(hf_model, tmp_path / "m")
+    run_setup("convert_hf_checkpoint", "--checkpoint_dir", str(folder))
+    before = (folder / "lit_model.pth").read_bytes()
+    with monkeypatch.context() as patch:  # the disk fills up while converting again, to bfloat16
+        patch.setattr(torch, "save", lambda obj, path, *args, **kwargs: write_half_then_fail(path))
+        with pytest.raises(OSError, match="No space left"):
+            run_setup("convert_hf_checkpoint", "--checkpoint_dir", str(folder), "--dtype", "bfloat16")
+    assert leftovers(folder) == ["config.json", "lit_config.json", "lit_model.pth"]  # no temporary file left
+    assert (folder / "lit_model.pth").read_bytes() == before  # the float32 conversion, not half a bfloat16 one
+    assert_converted(folder, hf_model)
+    run_setup("convert_hf_checkpoint", "--checkpoint_dir", str(folder), "--dtype", "bfloat16")
+    assert {t.dtype for t in torch.load(folder / "lit_model.pth", weights_only=True).values()} == {torch.bfloat16}
+
+
+def test_lit_conversion_that_fails_writing_leaves_nothing_and_keeps_the_previous_export(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    hf_model = make_hf_llama("llama70b-gqa")
+    folder = save_hf(hf_model, tmp_path / "m")
+    convert_hf_checkpoint(folder)
+    out = tmp_path / "exports" / "back"
+
+    def write_a_shard_then_fail(state_dict, save_directory, **kwargs):
+        write_half_then_fail(Path(save_directory) / "model.safetensors")
+
+    def export() -> None:
+        run_setup("convert_lit_checkpoint", "--checkpoint_dir", str(folder), "--output_dir", str(out))
+
+    with monkeypatch.context() as patch:  # the disk fills up while the first shard is written
+        patch.setattr(huggingface_hub, "save_torch_state_dict", write_a_shard_then_fail)
+        with pytest.raises(OSError, match="No space left"):
+            export()
+    assert sorted(p.name for p in out.parent.iterdir()) == []  # no half-written folder, visible or hidden
+    export()
+    exported = (out / "model.safetensors").read_bytes()
+    with monkeypatch.context() as patch:  # an export over an earlier one fails: the earlier one stays whole
+        patch.setattr(huggingface_hub, "save_torch_state_dict", write_a_shard_then_fail)
+        with pytest.raises(OSError, match="No space left"):
+            export()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["back"]
+    assert (out / "model.safetensors").read_bytes() == exported
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 101, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, hf_model(ids).logits)
 
 
 # ---------------------------------------------------------------------- errors the user can cause

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -10,11 +9,11 @@ import pytest
 import torch
 
 from conftest import (
-    ROOT,
     add_sentencepiece_tokenizer,
     assert_one_line_error,
     run_script,
     save_random_checkpoint,
+    script_main,
     tiny_config,
 )
 from lit_gpt.checkpoint import load_model, save_finetuned
@@ -33,14 +32,6 @@ DAMAGE = {
     "text": lambda p: p.write_text("this is not the right kind of file\n"),
     "binary": lambda p: p.write_bytes(b"\x80\xff\x00\x13" * 64),
 }
-
-
-def script_main(name: str):
-    """The function a script runs through `run_cli`, to run it in-process (seconds, not a new interpreter)."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def error_line(capsys, fn, *args) -> str:

@@ -311,3 +311,28 @@ def test_fsdp_refuses_what_it_cannot_shard(setup_dir):
     for kind, flags, fragment in cases:
         with pytest.raises(UserError, match=fragment):
             validate(parse_args(kind, base + flags))
+
+
+def test_fsdp_on_one_device_trains_like_auto_and_writes_a_checkpoint_that_loads(setup_dir):
+    # One process, nothing to shard: FSDP's code path (fully_shard on a one-rank mesh, DTensor parameters,
+    # reduce-scatter over one rank, gathered checkpoints) must train the same model as no wrapper at all.
+    from lit_gpt.checkpoint import load_finetuned
+
+    flags = ["--drop_rate", "0.875", "--sensitivity", "gradnorm", "--sensitivity_at", "0.125",
+             "--train.micro_batch_size", "4"]
+    jobs = [("one-fsdp", "full", [*flags, "--strategy", "fsdp"], None), ("one-auto", "full", flags, None)]
+    fsdp_dir, auto_dir = run_jobs(setup_dir, jobs, devices=1, timeout=240)
+    ((fsdp, fsdp_weights),) = records(fsdp_dir, world_size=1)
+    ((auto, auto_weights),) = records(auto_dir, world_size=1)
+    assert fsdp["sharded"] and not auto["sharded"]  # the strategies really differ
+    assert fsdp["decisions"] == auto["decisions"] and len({tuple(d) for d in auto["decisions"]}) > 1
+    assert fsdp["drop_rates"] == auto["drop_rates"] != [0.875] * 4
+    initial = torch.load(setup_dir["checkpoint_dir"] / "lit_model.pth", weights_only=True)
+    assert not torch.equal(auto_weights["lm_head.weight"], initial["lm_head.weight"])  # it trained
+    # Bit-identical (measured): with one rank the reduce-scatter averages over one and the same CPU kernels run
+    # on the same numbers, so any difference is a bug (a gradient scaled by a wrong world size, say).
+    print(f"FSDP vs auto on one device: max weight difference {max_difference(fsdp_weights, auto_weights):.2e}")
+    assert_same_weights(fsdp_weights, auto_weights)
+    assert_same_weights(*(torch.load(path / "rank0_grads.pth", weights_only=True) for path in (fsdp_dir, auto_dir)))
+    # final/ loads like any one-process run's, with the weights the run ended with
+    assert_same_weights(load_finetuned(setup_dir["root"] / "out-one-fsdp" / "final").state_dict(), fsdp_weights)

@@ -20,6 +20,7 @@ from conftest import (
     metrics,
     run_finetune,
     run_script,
+    script_main,
 )
 from lit_gpt import Config
 from lit_gpt.checkpoint import load_finetuned, load_model
@@ -156,6 +157,54 @@ def test_merged_lora_model_gives_the_same_logits(tiny, tmp_path):
         torch.testing.assert_close(merged(ids), unmerged(ids), rtol=1e-5, atol=1e-5)
 
 
+
+def test_qlora_fp4_trains_and_its_merge_matches_the_4bit_model_with_adapters(tiny, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from lit_gpt.build import prepare_for_finetuning
+    from lit_gpt.checkpoint import load_hyperparameters
+    from lit_gpt.lora import LoRAConfig
+    from lit_gpt.utils import run_cli
+
+    run = tmp_path / "run"
+    cli("qlora", argv=flags(tiny, run, "--quantize", "bnb.fp4", "--train.learning_rate", "2e-2",
+                            "--train.sample_tokens", "0", steps=4))
+    train_loss = losses(metrics(run), "train_loss")
+    assert len(train_loss) == 4 and all(0 < loss < 20 for loss in train_loss), train_loss  # finite, sane
+    hyperparameters = load_hyperparameters(run / "final")
+    assert hyperparameters["quantize"] == "bnb.fp4"
+    adapters = torch.load(run / "final" / "lit_model.pth", weights_only=True)
+    assert_trained(tiny, "qlora", adapters)  # lora_B starts at zero: the head's and some block's moved
+
+    merge = script_main("merge_lora").merge  # in this process: the scripts run the installed lit_gpt
+    run_cli(merge, args=["--lora_path", str(run / "final"), "--out_dir", str(tmp_path / "merged")])
+    merged = load_model(tmp_path / "merged").eval()
+
+    def fp4_model(with_adapters: bool):
+        """The model as QLoRA trained it: the base quantized to fp4, with (or without) the trained adapters."""
+        model = prepare_for_finetuning(load_model(tiny["checkpoint_dir"]), "qlora",
+                                       LoRAConfig(**hyperparameters["lora"]), "bnb.fp4")
+        if with_adapters:
+            assert not [k for k in model.load_state_dict(adapters, strict=False).missing_keys if "lora_" in k]
+        return model.eval()
+
+    ids = torch.randint(0, 32000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged_logits, trained, base_4bit = merged(ids), fp4_model(True)(ids), fp4_model(False)(ids)
+        base_float = load_model(tiny["checkpoint_dir"]).eval()(ids)
+        unmerged = load_finetuned(run / "final", merge=False).eval()(ids)  # float base, adapters beside it
+    # merge_lora.py folds the adapters into the float base (a 4-bit weight cannot take them): exactly, up to
+    # float32 rounding...
+    torch.testing.assert_close(merged_logits, unmerged, rtol=1e-5, atol=1e-5)
+    # ...so the merged model differs from the trained 4-bit one by the base's fp4 rounding error, passed on through
+    # the adapters: measured 1.6x the bases' own difference; 2x is allowed.
+    quantization_error = (base_float - base_4bit).abs().max().item()
+    adapters_effect = (trained - base_4bit).abs().max().item()
+    merge_error = (merged_logits - trained).abs().max().item()
+    print(f"fp4 error {quantization_error:.3g}, adapters' effect {adapters_effect:.3g}, merge error {merge_error:.3g}")
+    assert 0 < quantization_error and merge_error <= 2 * quantization_error
+    assert adapters_effect > 2 * merge_error  # the merged model carries what the adapters learned
+
+
 # ---------------------------------------------------------------------- bad input
 def test_drop_rate_outside_0_1_is_a_one_line_error(tiny, tmp_path):
     for rate in ("1.0", "-0.1"):
@@ -190,6 +239,41 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny, t
     assert [p.name for p in step_checkpoints(out_dir)] == ["step-000001"]
     assert not (out_dir / "final").exists()
     assert not list(out_dir.glob(".*partial"))
+
+
+
+def make_loss_infinite(monkeypatch, module, name: str, from_call: int) -> None:
+    """From its `from_call`-th call on, `module.name` returns the true loss times +inf: infinite, not NaN."""
+    true_loss, calls = getattr(module, name), []
+
+    def infinite_loss(*args, **kwargs):
+        calls.append(1)
+        loss = true_loss(*args, **kwargs)
+        return loss * float("inf") if len(calls) >= from_call else loss
+
+    monkeypatch.setattr(module, name, infinite_loss)
+
+
+@pytest.mark.parametrize("where", ["training", "calibration"])
+def test_infinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch, capsys,
+                                                                              where):
+    # A check for NaN alone (`loss != loss`) would let +inf through: Adam would then turn the weights into NaN.
+    import lit_gpt.loss
+    import lit_gpt.methods.dropbp
+
+    if where == "training":  # two micro-batches per step: the third call is step 2's first micro-batch
+        make_loss_infinite(monkeypatch, lit_gpt.loss, "chunked_next_token_loss", from_call=3)
+    else:  # calibration runs at step 1 of 10 (10 %), before that step's micro-batches, on the training loss
+        make_loss_infinite(monkeypatch, lit_gpt.methods.dropbp, "chunked_next_token_loss", from_call=1)
+    out_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        cli("lora", argv=flags(tiny, out_dir, "--train.save_interval", "1", "--train.sample_tokens", "0"))
+    assert exit_info.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: the training loss became inf at optimizer step 2; "), line
+    assert f"the last good checkpoint is {out_dir / 'step-000001'}" in line and "--resume auto" in line, line
+    assert [p.name for p in step_checkpoints(out_dir)] == ["step-000001"]
+    assert not (out_dir / "final").exists()
 
 
 # ---------------------------------------------------------------------- the real model
