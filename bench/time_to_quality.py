@@ -141,9 +141,9 @@ def summarise(runs: list[dict], seeds: list[int], clean: dict | None = None) -> 
     summary["targets"] = {"best": target, "within_1pct": target * (1 + TARGET_SLACK)}
     for entry in summary["configs"].values():
         for name, loss in summary["targets"].items():
-            for key in COSTS:
-                entry[f"{key}_to_{name}"] = [time_to_reach(r["history"], loss, key) if key in r["history"][0] else None
-                                             for r in entry["runs"]]
+            for key in COSTS:  # clean_seconds only exist once the configuration's clean step time is measured
+                entry[f"{key}_to_{name}"] = ([time_to_reach(r["history"], loss, key) for r in entry["runs"]]
+                                             if all(key in r["history"][0] for r in entry["runs"]) else None)
     baseline = summary["configs"]["baseline"]
     for entry in summary["configs"].values():
         for name in summary["targets"]:
@@ -160,9 +160,11 @@ def add_clean_seconds(run: dict, clean: dict) -> None:
         point["clean_seconds"] = point["step"] * clean["step_ms"] / 1000 + calibrations * clean["calibration_s"]
 
 
-def speedup(baseline: list[float | None], method: list[float | None]) -> float | None:
+def speedup(baseline: list[float | None] | None, method: list[float | None] | None) -> float | None:
     """The baseline's mean cost over the method's, each over its seeds that reached the target (the table shows how
     many did)."""
+    if baseline is None or method is None:
+        return None
     baseline, method = [v for v in baseline if v is not None], [v for v in method if v is not None]
     return statistics.fmean(baseline) / statistics.fmean(method) if baseline and method else None
 
@@ -183,7 +185,7 @@ def render_tables(summary: dict, learning_rates: list[float]) -> str:
     for name, loss in summary.get("targets", {}).items():
         rows = [[config] + [cell for key, scale, spec in (("train_seconds", 1, ".0f"), ("clean_seconds", 1, ".0f"),
                                                           ("train_flops", 1e-12, ".2f"))
-                            for cell in (cost_cell([v and v * scale for v in entry[f"{key}_to_{name}"]], spec),
+                            for cell in (cost_cell(scaled(entry[f"{key}_to_{name}"], scale), spec),
                                          fmt(entry[f"{key}_speedup_{name}"], ".2f"))]
                 for config, entry in configs.items()]
         title = "the baseline's best final loss" if name == "best" else "1 % above it"
@@ -193,12 +195,18 @@ def render_tables(summary: dict, learning_rates: list[float]) -> str:
     return "\n\n".join(tables)
 
 
+def scaled(values: list[float | None] | None, scale: float) -> list[float | None] | None:
+    return None if values is None else [None if v is None else v * scale for v in values]
+
+
 def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def cost_cell(values: list[float | None], spec: str) -> str:
-    """Mean ± sd over the seeds that reached the target, and how many did."""
+def cost_cell(values: list[float | None] | None, spec: str) -> str:
+    """Mean ± sd over the seeds that reached the target, and how many did; `-` when not measured."""
+    if values is None:
+        return "-"
     reached = [v for v in values if v is not None]
     if not reached:
         return f"not reached (0/{len(values)})"

@@ -118,3 +118,11 @@ def test_clean_step_times_turn_steps_into_seconds(tmp_path):
     assert summary["configs"]["fast"]["clean_seconds_speedup_best"] == pytest.approx(20 / 7)
     assert summary["configs"]["fast"]["train_seconds_speedup_best"] == pytest.approx(20 / 199)
     assert "| fast | 0.001 | 1 | 2.0000 ± 0.0000 | 100 | 250 | 2.0 |" in (tmp_path / "time_to_quality.md").read_text()
+
+
+def test_clean_time_columns_say_not_measured_rather_than_not_reached(tmp_path):
+    write(tmp_path, record("baseline", 1e-3, 1, [(0, 4.0), (10, 3.0)]))
+    summary = ttq.report(tmp_path, [1e-3], [1], "a machine")
+    assert summary["configs"]["baseline"]["clean_seconds_to_best"] is None
+    assert summary["configs"]["baseline"]["train_seconds_to_best"] == [pytest.approx(10.0)]
+    assert "| baseline | 10 ± 0 | 1.00 | - | - |" in (tmp_path / "time_to_quality.md").read_text()
