@@ -103,6 +103,18 @@ def wordnet_data(checkpoint_dir: Path, work_dir: Path, max_samples: int, test_si
     return data_dir
 
 
+def wordnet_finetune_flags(checkpoint_dir: Path, data_dir: Path, device: torch.device, global_batch_size: int,
+                           micro_batch_size: int, steps: int, warmup_steps: int, eval_interval: int,
+                           max_seq_length: int) -> list[str]:
+    """The `finetune/lora.py` flags the real-model WordNet benchmarks share: validation on the whole held-out set at
+    every `eval_interval`, no sample generation, no intermediate checkpoints (only `final/`)."""
+    return ["--checkpoint_dir", str(checkpoint_dir), "--data_dir", str(data_dir), "--accelerator", device.type,
+            "--train.global_batch_size", str(global_batch_size), "--train.micro_batch_size", str(micro_batch_size),
+            "--train.max_steps", str(steps), "--train.warmup_steps", str(warmup_steps),
+            "--train.eval_interval", str(eval_interval), "--train.eval_iters", "null",
+            "--train.max_seq_length", str(max_seq_length), "--train.sample_tokens", "0", "--train.save_interval", "0"]
+
+
 def training_model(config: Config, finetuning: str, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32, seed: int = 0, quantize: str = "bnb.nf4") -> GPT:
     """A random-weight model as a fine-tuning of kind `finetuning` trains it, in training mode.

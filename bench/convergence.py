@@ -35,6 +35,7 @@ from bench.common import (
     resolve_device,
     smollm2_checkpoint,
     wordnet_data,
+    wordnet_finetune_flags,
     write_results,
 )
 from lit_gpt.utils import UserError, run_cli
@@ -209,13 +210,9 @@ def main(
     torch_device = resolve_device(device)
     checkpoint_dir = smollm2_checkpoint(work_dir)
     data_dir = wordnet_data(checkpoint_dir, work_dir, samples, test_size, seed=42)
-    common_flags = ["--checkpoint_dir", str(checkpoint_dir), "--data_dir", str(data_dir), "--accelerator",
-                    torch_device.type, "--seed", str(seed), "--train.global_batch_size", str(global_batch_size),
-                    "--train.micro_batch_size", str(micro_batch_size), "--train.max_steps", str(steps),
-                    "--train.learning_rate", str(learning_rate), "--train.warmup_steps", str(warmup_steps),
-                    "--train.eval_interval", str(eval_interval), "--train.eval_iters", "null",
-                    "--train.max_seq_length", str(max_seq_length), "--train.sample_tokens", "0",
-                    "--train.save_interval", "0"]
+    common_flags = wordnet_finetune_flags(checkpoint_dir, data_dir, torch_device, global_batch_size, micro_batch_size,
+                                          steps, warmup_steps, eval_interval, max_seq_length)
+    common_flags += ["--seed", str(seed), "--train.learning_rate", str(learning_rate)]
     pld_gamma = math.log(2) / (steps / 2) if pld else None  # θ(t) halfway from 1 to θ̄ at mid-run
     results = []
     all_runs = runs(drop_rates, lr_compensation, pld_gamma, gt_rho, baseline_learning_rates)

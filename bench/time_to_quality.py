@@ -38,6 +38,7 @@ from bench.common import (
     resolve_device,
     smollm2_checkpoint,
     wordnet_data,
+    wordnet_finetune_flags,
     write_results,
 )
 from bench.convergence import REAL_MODEL, add_time_without_calibration, run_note, time_to_reach
@@ -380,12 +381,8 @@ def main(
     checkpoint_dir = smollm2_checkpoint(work_dir)
     data_dir = wordnet_data(checkpoint_dir, work_dir, samples, test_size, seed=42, mask_inputs=mask_inputs,
                             prompt_style=prompt_style)
-    common_flags = ["--checkpoint_dir", str(checkpoint_dir), "--data_dir", str(data_dir), "--accelerator",
-                    torch_device.type, "--train.global_batch_size", str(global_batch_size),
-                    "--train.micro_batch_size", str(micro_batch_size), "--train.max_steps", str(steps),
-                    "--train.warmup_steps", str(warmup_steps), "--train.eval_interval", str(eval_interval),
-                    "--train.eval_iters", "null", "--train.max_seq_length", str(max_seq_length),
-                    "--train.sample_tokens", "0", "--train.save_interval", "0"]
+    common_flags = wordnet_finetune_flags(checkpoint_dir, data_dir, torch_device, global_batch_size, micro_batch_size,
+                                          steps, warmup_steps, eval_interval, max_seq_length)
     if measure_steps:
         clean = measure_step_time(configs, common_flags, work_dir, measure_steps, rounds=2, threads=threads)
         clean_file = Path(out) / STEP_TIME_FILE
