@@ -77,6 +77,14 @@ def config_flags(config: str) -> list[str]:
     return ["--method", "dropbp", "--drop_rate", str(p)] + [f for o in options for f in CONFIG_OPTIONS[o]]
 
 
+def parse_shard(shard: str) -> tuple[int, int]:
+    """`i/n` as (i, n), with 0 <= i < n."""
+    parts = shard.split("/")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or not int(parts[0]) < int(parts[1]):
+        raise UserError(f"--shard must be i/n with 0 <= i < n (e.g. 0/2 and 1/2 for two processes), got {shard!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def run_key(config: str, learning_rate: float, seed: int) -> str:
     return f"{config}_lr{learning_rate:g}_seed{seed}"
 
@@ -369,7 +377,7 @@ def main(
         raise UserError("--learning_rates and --seeds need at least one value each, and --steps at least 2")
     if set(headline) - set(configs):
         raise UserError(f"--headline {sorted(set(headline) - set(configs))} not in --configs")
-    index, count = (int(part) for part in shard.split("/"))
+    index, count = parse_shard(shard)
     torch_device = resolve_device(device)
     machine = machine_description(torch_device)
     setting = (f"{REAL_MODEL}, LoRA r=8 α=16, WordNet {samples - test_size} train / {test_size} val, loss on "

@@ -126,3 +126,10 @@ def test_clean_time_columns_say_not_measured_rather_than_not_reached(tmp_path):
     assert summary["configs"]["baseline"]["clean_seconds_to_best"] is None
     assert summary["configs"]["baseline"]["train_seconds_to_best"] == [pytest.approx(10.0)]
     assert "| baseline | 10 ± 0 | 1.00 | - | - |" in (tmp_path / "time_to_quality.md").read_text()
+
+
+@pytest.mark.parametrize("shard", ["1", "a/2", "2/2", "0/0", "-1/2"])
+def test_a_bad_shard_fails_clearly(shard):
+    with pytest.raises(UserError, match="--shard must be i/n"):
+        ttq.parse_shard(shard)
+    assert ttq.parse_shard("1/2") == (1, 2)
