@@ -13,9 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from conftest import ROOT, logged_runs, logged_steps, save_random_checkpoint, tiny_shape
 from lit_gpt import Config
+from lit_gpt.data import IGNORE_INDEX, micro_batches
+from lit_gpt.loss import next_token_loss
+from lit_gpt.model import GPT
+from lit_gpt.stream import MicroBatchStream
 from lit_gpt.training import TRAINING_STATE_FILE
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -151,6 +156,64 @@ def test_ddp_resume_is_exact(setup_dir, ddp_full):
     assert len(record["decisions"]) == 4 * 2  # only the last four steps ran
     assert_same_weights(weights, straight)
     assert_same_weights(weights1, straight)
+
+
+def step_gradients(checkpoint_dir: Path, streams: list[MicroBatchStream], accumulation: int) -> dict[str, Tensor]:
+    """The first optimizer step's gradients of full fine-tuning with no drops, computed in this process: each
+    stream plays one rank, its micro-batch losses are token means over its own micro-batch, accumulated and
+    averaged over the ranks, exactly as the documented rule says."""
+    model = GPT(Config.from_checkpoint(checkpoint_dir))
+    model.load_state_dict(torch.load(checkpoint_dir / "lit_model.pth", weights_only=True))
+    for stream in streams:
+        for micro in range(accumulation):
+            input_ids, labels = stream[micro]
+            (next_token_loss(model(input_ids), labels) / (accumulation * len(streams))).backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def variable_length_runs(setup_dir) -> tuple[dict, dict[str, Path]]:
+    """Two-process DDP runs on samples of 6 to 24 tokens: under the defaults (length grouping on) and without
+    length grouping. No drops, so that only the data and the loss's normalisation are compared."""
+    data_dir = setup_dir["root"] / "variable-data"
+    data_dir.mkdir()
+    generator = torch.Generator().manual_seed(2)
+    for split, count in (("train", 64), ("test", 8)):
+        lengths = torch.randint(6, 25, (count,), generator=generator).tolist()
+        rows = [torch.randint(1, 128, (n,), generator=generator) for n in lengths]
+        torch.save([{"input_ids": row, "labels": row.clone()} for row in rows], data_dir / f"{split}.pt")
+    setup = {**setup_dir, "data_dir": data_dir}
+    flags = ["--drop_rate", "0", "--train.micro_batch_size", "2", "--train.max_steps", "1"]
+    jobs = [("grouped", "full", [*flags, "--train.length_grouped", "true"], None),
+            ("ungrouped", "full", flags, None)]
+    return setup, dict(zip([name for name, *_ in jobs], run_jobs(setup, jobs)))
+
+
+@pytest.mark.parametrize("length_grouped", [True, False])
+def test_ddp_under_the_defaults_follows_the_documented_rule_not_one_process(variable_length_runs, length_grouped):
+    # With samples of different lengths, each rank's loss is a token mean over its own micro-batches; with length
+    # grouping, the ranks' micro-batches are not those of one process either. The run must be exactly that rule
+    # (so the tutorial's statement holds), and the rule must differ measurably from one process (so it is tested).
+    setup, runs = variable_length_runs
+    ddp_grads = torch.load(runs["grouped" if length_grouped else "ungrouped"] / "rank0_grads.pth", weights_only=True)
+    train_set = torch.load(setup["data_dir"] / "train.pt", weights_only=True)
+    ranks = [MicroBatchStream(train_set, 2, 32, 1337, length_grouped, rank, 2) for rank in range(2)]
+    one_process = MicroBatchStream(train_set, 4, 32, 1337, length_grouped)
+    accumulation = 8 // (2 * 2)
+    rank_tokens = [sum(int((r[m][1][:, 1:] != IGNORE_INDEX).sum()) for m in range(accumulation)) for r in ranks]
+    assert rank_tokens[0] != rank_tokens[1]  # otherwise per-rank and global token means would coincide
+    lengths = [len(sample["input_ids"]) for sample in train_set]
+    rank_batches = micro_batches(lengths, 2, 1337, 0, length_grouped)[: accumulation * 2]
+    one_batches = micro_batches(lengths, 4, 1337, 0, length_grouped)[:accumulation]
+    same_samples = sorted(i for batch in rank_batches for i in batch) == sorted(i for b in one_batches for i in b)
+    assert same_samples is not length_grouped  # grouping changes which samples a step sees
+
+    documented = step_gradients(setup["checkpoint_dir"], ranks, accumulation)
+    single = step_gradients(setup["checkpoint_dir"], [one_process], accumulation)
+    print(f"length_grouped={length_grouped}: DDP vs the rule {max_difference(ddp_grads, documented):.2e}, "
+          f"vs one process {max_difference(ddp_grads, single):.2e}")
+    assert_same_gradients(ddp_grads, documented)
+    assert max_difference(ddp_grads, single) > 100 * max_difference(ddp_grads, documented)
 
 
 def test_lora_calibration_and_skipped_backwards_agree_across_ranks(setup_dir):

@@ -12,6 +12,7 @@ import torch
 from conftest import (
     ROOT,
     assert_one_line_error,
+    assert_plot,
     assert_resumed_from,
     crash_after_checkpoint,
     logged_runs,
@@ -67,7 +68,7 @@ def test_each_script_trains_at_drop_rate_0875_and_writes_its_outputs(tiny, kind,
         assert (final / name).is_file(), name
     assert (out_dir / "hyperparameters.yaml").is_file()
     assert list((out_dir / "logs" / "tensorboard").glob("version_*/events.out.tfevents.*"))
-    assert (out_dir / "drop_rates.png").stat().st_size > 1000
+    assert_plot(out_dir / "drop_rates.png", 6.0, 2 * 3.2, dpi=120)  # the rates and the sensitivities, drawn
     history = json.loads((out_dir / "drop_rates.json").read_text())
     # Calibrated exactly once, at 10 % of the 10 optimizer steps, which moved the rates off the uniform 0.875.
     assert [entry["step"] for entry in history] == [0, 1]
