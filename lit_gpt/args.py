@@ -89,6 +89,9 @@ class RunArgs:
     """where metrics go, comma-separated: csv, tensorboard, wandb (pip install wandb; WANDB_MODE=offline works)"""
     resume: bool | Literal["auto"] | Path = False
     """true/auto: the latest checkpoint in out_dir; or a checkpoint folder; false starts fresh"""
+    init_adapters: Path | None = None
+    """LoRA/QLoRA: start from the adapters of this LoRA folder (a run's final/ or step-*/, or scripts/import_peft.py's
+    output) instead of fresh ones; the optimizer, schedule and step start anew (--resume continues a run instead)"""
     train: TrainArgs = field(default_factory=TrainArgs)
     dropbp: DropBPArgs = field(default_factory=DropBPArgs)
     method: MethodArgs = field(default_factory=MethodArgs)  # --method and the baselines' flags
@@ -100,6 +103,7 @@ class RunArgs:
         values = asdict(self)
         if self.finetuning not in LORA_METHODS:
             values.pop("lora")
+            values.pop("init_adapters")
         if self.finetuning != "qlora":
             values.pop("quantize")
         return json.loads(json.dumps(values, default=str))  # paths as strings, plain YAML
@@ -131,6 +135,9 @@ def validate(args: RunArgs) -> None:
         check_quantize_mode(args.quantize or "")
     elif args.quantize:
         raise UserError("--quantize is for finetune/qlora.py; use that script to train over a 4-bit base")
+    if args.init_adapters is not None and args.finetuning not in LORA_METHODS:
+        raise UserError("--init_adapters starts LoRA or QLoRA from existing adapters; to fully fine-tune from them, "
+                        "merge them first with scripts/merge_lora.py and pass the result as --checkpoint_dir")
     logger_names(args.logger)
     check_checkpoint_dir(args.checkpoint_dir)
 

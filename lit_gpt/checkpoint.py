@@ -111,12 +111,45 @@ def load_finetuned(path: str | Path, checkpoint_dir: str | Path | None = None, d
         return load_model(folder, device=device, dtype=dtype)
     model = load_model(checkpoint_dir or hyperparameters["checkpoint_dir"], device=device, dtype=dtype)
     add_lora(model, LoRAConfig(**hyperparameters["lora"]))
+    _copy_adapters(model, folder)
+    if merge:
+        merge_lora(model)
+    return model.to(device=device, dtype=dtype)
+
+
+# The LoRA settings that decide the adapters' shapes and their update; dropout only matters while training.
+_ADAPTER_SHAPE = ("r", "alpha", "qkv", "projection", "mlp", "head")
+
+
+def load_initial_adapters(model: GPT, path: str | Path, lora) -> Path:
+    """Copy the adapters of a LoRA folder (a finished run, a step checkpoint, or `scripts/import_peft.py`'s output)
+    into `model`, which already has adapters of the run's LoRA settings `lora`: a fresh run that starts from them.
+
+    The folder's base model and LoRA settings must be the run's, or it ends with one `error:` line that names the
+    flags to pass. Returns the folder.
+    """
+    folder = finetuned_folder(path)
+    hyperparameters = load_hyperparameters(folder)
+    if hyperparameters["finetuning"] not in LORA_METHODS:
+        raise UserError(f"--init_adapters {str(folder)!r} holds a full fine-tuning run, not adapters: pass it as "
+                        f"--checkpoint_dir instead")
+    saved = hyperparameters["lora"]
+    differing = [name for name in _ADAPTER_SHAPE if saved.get(name) != getattr(lora, name)]
+    if differing:
+        flags = " ".join(f"--lora.{name} {str(saved.get(name)).lower()}" for name in differing)
+        raise UserError(f"the adapters in {str(folder)!r} were made with other LoRA settings than this run's: "
+                        f"pass {flags}")
+    if Config.from_checkpoint(folder) != model.config:
+        raise UserError(f"the adapters in {str(folder)!r} belong to another base model than --checkpoint_dir: pass "
+                        f"--checkpoint_dir {hyperparameters.get('checkpoint_dir')}")
+    _copy_adapters(model, folder)
+    return folder
+
+
+def _copy_adapters(model: GPT, folder: Path) -> None:
     adapters = load_state_dict(folder / "lit_model.pth", mmap=False)
     missing, unexpected = model.load_state_dict(adapters, strict=False)
     missing_adapters = [k for k in missing if "lora_" in k]
     if missing_adapters or unexpected:
         raise UserError(f"{folder / 'lit_model.pth'} does not match the LoRA settings in {HYPERPARAMETERS_FILE} "
                         f"(missing {missing_adapters[:3]}, unexpected {unexpected[:3]})")
-    if merge:
-        merge_lora(model)
-    return model.to(device=device, dtype=dtype)

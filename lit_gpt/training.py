@@ -27,7 +27,7 @@ import torch
 
 from lit_gpt.args import Finetuning, RunArgs, logger_names, parse_args, resolve_max_seq_length, validate
 from lit_gpt.build import prepare_for_finetuning
-from lit_gpt.checkpoint import LORA_METHODS, load_model, save_hyperparameters
+from lit_gpt.checkpoint import LORA_METHODS, load_initial_adapters, load_model, save_hyperparameters
 from lit_gpt.config import Config
 from lit_gpt.data import IGNORE_INDEX, collate, load_split, micro_batches, recorded_data_prompt_style
 from lit_gpt.flops import CostModel, flop_counter
@@ -119,6 +119,9 @@ class Trainer:
         compute_dtype = torch.bfloat16 if "bf16" in self.precision else torch.float32
         prepare_for_finetuning(model, args.finetuning, args.lora, args.quantize or "bnb.nf4", compute_dtype,
                                self.fabric.device, args.activation_checkpointing)
+        if args.init_adapters is not None:
+            folder = load_initial_adapters(model, args.init_adapters, args.lora)
+            self.fabric.print(f"adapters initialised from {folder}")
         self.fabric.print(f"{num_parameters(model, requires_grad=True):,} trainable and "
                           f"{num_parameters(model, requires_grad=False):,} frozen parameters")
         return model

@@ -159,6 +159,39 @@ def test_merged_lora_model_gives_the_same_logits(tiny, tmp_path):
 
 
 
+def test_lora_starts_a_fresh_run_from_a_peft_adapter(tiny, tmp_path, capsys):
+    # A run's adapters go out to PEFT format and come back through scripts/import_peft.py; a new run started from
+    # them begins where the first one ended (same validation loss at its step 0) and trains on from there.
+    train = ["--train.learning_rate", "2e-2"]
+    cli("lora", argv=flags(tiny, tmp_path / "first", *train))
+    exported = run_script("export_peft.py", "--lora_path", str(tmp_path / "first" / "final"),
+                          "--out_dir", str(tmp_path / "peft"))
+    assert exported.returncode == 0, exported.stderr
+    imported = run_script("import_peft.py", "--adapter_dir", str(tmp_path / "peft"),
+                          "--checkpoint_dir", str(tiny["checkpoint_dir"]), "--out_dir", str(tmp_path / "imported"))
+    assert imported.returncode == 0, imported.stderr
+    capsys.readouterr()
+    cli("lora", argv=flags(tiny, tmp_path / "second", *train, "--init_adapters", str(tmp_path / "imported"), steps=4))
+    assert f"adapters initialised from {tmp_path / 'imported'}" in capsys.readouterr().out
+    first, second = (losses(metrics(tmp_path / run), "val_loss") for run in ("first", "second"))
+    assert second[0] == pytest.approx(first[-1], rel=1e-6) and second[0] < 0.9 * first[0], (first, second)
+    assert second[-1] < second[0], second
+    imported = torch.load(tmp_path / "imported" / "lit_model.pth", weights_only=True)
+    trained = torch.load(tmp_path / "second" / "final" / "lit_model.pth", weights_only=True)
+    assert not torch.equal(imported["lm_head.lora_B"], trained["lm_head.lora_B"])
+
+
+def test_init_adapters_refuses_what_it_cannot_start_from(tiny, tmp_path):
+    run = tmp_path / "run"
+    cli("lora", argv=flags(tiny, run, "--lora.r", "4", steps=2))
+    result = run_finetune("lora", *flags(tiny, tmp_path / "other", "--init_adapters", str(run / "final"), steps=2))
+    assert_error_line(result, "other LoRA settings", "--lora.r 4")
+    result = run_finetune("full", *flags(tiny, tmp_path / "full", "--init_adapters", str(run / "final"), steps=2))
+    assert_error_line(result, "--init_adapters", "merge_lora.py")
+    result = run_finetune("lora", *flags(tiny, tmp_path / "none", "--init_adapters", str(tmp_path / "nowhere")))
+    assert_error_line(result, "nowhere", "lit_model.pth")
+
+
 def test_qlora_fp4_trains_and_its_merge_matches_the_4bit_model_with_adapters(tiny, tmp_path):
     pytest.importorskip("bitsandbytes")
     from lit_gpt.build import prepare_for_finetuning
