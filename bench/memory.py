@@ -569,11 +569,12 @@ def memtracker_peak(model: GPT, handler: DropBPHandler, p: float, draw_index: in
                     fake_mode=None, chunked_loss: bool = True) -> int | None:
     """The step peak of `count_step`'s micro-batch as PyTorch's MemTracker sees it: its peak tensor bytes less
     what it tracked before the micro-batch (weights, gradients and the token ids, which it counts as the model's
-    input). None for a model with frozen parameters (LoRA, QLoRA): MemTracker hooks every parameter's gradient,
-    and registering that hook on a tensor that does not require grad fails (torch 2.13)."""
+    input). None where MemTracker cannot run (torch 2.13): on a model with frozen parameters (LoRA, QLoRA), because
+    it hooks every parameter's gradient and that hook cannot be registered on a frozen one; and on a tied model in
+    full fine-tuning, whose embedding gradient is sparse, a tensor whose storage MemTracker cannot read."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    if not all(p.requires_grad for p in model.parameters()):
+    if not all(p.requires_grad for p in model.parameters()) or model.transformer.wte.sparse:
         return None
 
     draw(handler, p, draw_index)
