@@ -92,11 +92,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits, x_a = _chunk_logits(x_c, weight, lora_a, lora_b, scale)
             valid = t_c != IGNORE_INDEX
             t_c = t_c.clamp(min=0)[:, None]
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += ((lse - logits.gather(1, t_c)).squeeze(1) * valid).sum()
+            target_logits = logits.gather(1, t_c)
+            lse = _softmax_in_place(logits)
+            total += ((lse - target_logits).squeeze(1) * valid).sum()
             if not any(g is not None for g in grads):
                 continue
-            grad = _logits_gradient(logits, lse, t_c, valid[:, None], x.dtype)
+            grad = _logits_gradient(logits, t_c, valid[:, None], x.dtype)
             _add_chunk_gradients(grad, x_c, x_a, rows, weight, lora_a, lora_b, scale, grads)
         ctx.grads = grads
         return total
@@ -129,8 +130,9 @@ class _RecomputedLinearCrossEntropy(torch.autograd.Function):
             logits, _ = _chunk_logits(x[rows], weight, lora_a, lora_b, scale)
             t_c = targets[rows]
             valid = t_c != IGNORE_INDEX
-            torch.logsumexp(logits, dim=-1, keepdim=True, out=lse[rows])
-            total += ((lse[rows] - logits.gather(1, t_c.clamp(min=0)[:, None])).squeeze(1) * valid).sum()
+            target_logits = logits.gather(1, t_c.clamp(min=0)[:, None])
+            lse[rows] = _softmax_in_place(logits)
+            total += ((lse[rows] - target_logits).squeeze(1) * valid).sum()
         ctx.save_for_backward(x, weight, lora_a, lora_b, targets, lse)
         ctx.scale, ctx.chunk_size = scale, chunk_size
         return total
@@ -146,7 +148,8 @@ class _RecomputedLinearCrossEntropy(torch.autograd.Function):
             logits, x_a = _chunk_logits(x_c, weight, lora_a, lora_b, ctx.scale)
             # The incoming gradient scales the mask, so every gradient comes out scaled.
             mask = (t_c != IGNORE_INDEX)[:, None] * grad_total.float()
-            grad = _logits_gradient(logits, lse[rows], t_c.clamp(min=0)[:, None], mask, x.dtype)
+            softmax = logits.sub_(lse[rows]).exp_()  # in place of the logits
+            grad = _logits_gradient(softmax, t_c.clamp(min=0)[:, None], mask, x.dtype)
             _add_chunk_gradients(grad, x_c, x_a, rows, weight, lora_a, lora_b, ctx.scale, grads)
         return (*grads, None, None, None)
 
@@ -168,10 +171,21 @@ def _chunk_logits(x_c, weight, lora_a, lora_b, scale) -> tuple[torch.Tensor, tor
     return logits.float(), x_a
 
 
-def _logits_gradient(logits, lse, t_c, mask, dtype) -> torch.Tensor:
-    """(softmax - onehot(t_c)) * mask in `dtype`, computed in place of the fp32 logits."""
-    grad = logits.sub_(lse).exp_()  # softmax, in place of the logits
-    grad.scatter_add_(1, t_c, torch.full_like(lse, -1.0)).mul_(mask)
+def _softmax_in_place(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's log-sum-exp, the fp32 `logits` turned into their softmax in place.
+
+    `torch.logsumexp` would hold a second logits-sized buffer inside its kernel (the exponentials), a chunk of
+    fp32 logits more at the peak, and one that no count of tensors sees: here every step is an in-place op.
+    """
+    shift = logits.amax(dim=-1, keepdim=True)
+    sums = logits.sub_(shift).exp_().sum(dim=-1, keepdim=True)
+    logits.div_(sums)
+    return sums.log_().add_(shift)
+
+
+def _logits_gradient(softmax, t_c, mask, dtype) -> torch.Tensor:
+    """(softmax - onehot(t_c)) * mask in `dtype`, computed in place of the fp32 softmax."""
+    grad = softmax.scatter_add_(1, t_c, torch.full_like(t_c, -1.0, dtype=softmax.dtype)).mul_(mask)
     return grad.to(dtype)
 
 
