@@ -30,9 +30,10 @@ and AdamW states are all allocated, and the tensors the step creates come and go
   sequence under the budget is solved from two counts per draw, then confirmed by a third count at the answer T*
   (it must equal the prediction and fit; otherwise the search falls back to bisection over counts).
 
-DropBP is stochastic: systematic sampling fixes how many branches are dropped but not which (attention and
-MLP branches differ in size). Every configuration is counted over `--draws` draws and the peak over them is
-reported; the longest sequence is the one that fits for every draw.
+DropBP is stochastic: systematic sampling fixes how many branches of each kind (attention, MLP) are dropped, but
+not which, and what is alive at the peak depends a little on where the kept branches sit. Every configuration is
+counted over `--draws` draws and the peak over them is reported; the longest sequence is the one that fits for every
+draw.
 
 The model comes from the training loop's factory (`lit_gpt.build`; on fake tensors only its construction differs),
 and the loss is the loop's (`lit_gpt.loss`). What the numbers show, and how they were validated, is in

@@ -20,7 +20,8 @@ run, and by `--report_only true`.
     python -m bench.time_to_quality --report_only true
 
 A configuration is `baseline` or `dropbp-<p>` followed by any of these options, each after a `+`: `unbiased`,
-`mlp`, `attention` (only those branches drop), `depth`, `flops` (allocators), `uniform` (no calibration).
+`mlp`, `attention` (only those branches drop), `depth`, `flops` (allocators), `uniform` (no calibration),
+`recalibrate` (recalibrate every 15 steps).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ CONFIG_OPTIONS = {
     "depth": ["--allocator", "depth"],
     "flops": ["--allocator", "flops"],
     "uniform": ["--sensitivity", "none"],
+    "recalibrate": ["--recalibrate_every", "15"],  # every 10 % of the default 150 steps, after the first at 10 %
 }
 STEP_TIME_FILE = "step_time.json"
 TARGET_SLACK = 0.01  # the looser target: 1 % above the baseline's best final loss

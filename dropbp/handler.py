@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from dropbp.allocation import ALLOCATORS, droppable_mask, dropped_fraction, uniform_allocation
 from dropbp.layer import DropBP
-from dropbp.sampling import SAMPLERS, decision_generator
+from dropbp.sampling import SAMPLERS, decision_generator, systematic_sample
 from dropbp.sensitivity import Metric, SensitivityResult, measure_sensitivity
 
 
@@ -27,8 +27,8 @@ class DropBPHandler:
         lr_compensation: scale each branch's learning rate by 1 / (1 - p_i) in `set_lr`.
         unbiased: scale the backward of every kept branch by 1 / (1 - p_i), so that the expected gradient is
             the full-backprop one (below). Not with `lr_compensation`, which compensates the same drops again.
-        sampling: "systematic" (`dropbp.sampling.systematic_sample`) or "independent" coin flips per branch;
-            default: independent when `unbiased`, systematic otherwise.
+        sampling: "systematic" (`dropbp.sampling.systematic_sample`, within each `kind` of branch) or
+            "independent" coin flips per branch; default: independent when `unbiased`, systematic otherwise.
 
     Unbiasedness. Dropping changes no forward value, so every Jacobian is the same as in full backprop. With
     m_i the keep indicator of branch i and s_i = m_i / (1 - p_i) its backward scale, every parameter gradient
@@ -133,14 +133,22 @@ class DropBPHandler:
         """
         if step is not None:
             self.step = step
-        sample = SAMPLERS[self.sampling]
-        mask = sample(torch.tensor(self.drop_rates), decision_generator(self.seed, self.step))
+        generator = decision_generator(self.seed, self.step)
+        if self.sampling == "systematic":  # each kind of branch drops its own share (see `systematic_sample`)
+            mask = systematic_sample(torch.tensor(self.drop_rates), generator, self._kind_groups())
+        else:
+            mask = SAMPLERS[self.sampling](torch.tensor(self.drop_rates), generator)
         for layer, dropped in zip(self.layers, mask.tolist()):
             layer.dropped = dropped
             layer.grad_scale = self._grad_scale(layer.drop_rate, dropped)
         self.step += 1
         self._dropped_flops_sum += self.realised_drop_rate
         return mask
+
+    def _kind_groups(self) -> torch.Tensor:
+        """An integer per branch, one per distinct `kind` label (unlabelled branches form one group)."""
+        labels: dict[str | None, int] = {}
+        return torch.tensor([labels.setdefault(getattr(layer, "kind", None), len(labels)) for layer in self.layers])
 
     def _grad_scale(self, drop_rate: float, dropped: bool) -> float:
         if not self.unbiased or dropped or drop_rate >= 1.0:

@@ -12,7 +12,8 @@ def decision_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * _GOLDEN + step) % (2**63 - 1))
 
 
-def systematic_sample(drop_rates: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def systematic_sample(drop_rates: torch.Tensor, generator: torch.Generator,
+                      groups: torch.Tensor | None = None) -> torch.Tensor:
     """Draw a boolean drop mask with P(mask[i]) == drop_rates[i] exactly.
 
     Randomised systematic sampling: lay the rates end to end on a line in a random order and pick every
@@ -21,11 +22,18 @@ def systematic_sample(drop_rates: torch.Tensor, generator: torch.Generator) -> t
     floor or ceil of sum(p_i), so the dropped work varies far less than with independent coin flips.
     The random order keeps the joint pattern from repeating (a fixed order at p = 0.5 would only ever
     drop all even or all odd branches).
+
+    `groups` (an integer label per branch) lays each group's branches next to each other, in a random order
+    within the group: then each group also drops floor or ceil of its own sum(p_i). With attention and MLP
+    branches as the groups, no draw keeps mostly the larger MLP branches, so a step's memory and time vary
+    less (the worst draw sets the longest sequence that fits).
     """
     rates = drop_rates.detach().to(torch.float64).cpu()
     if rates.numel() and (rates.min() < 0 or rates.max() > 1):
         raise ValueError("drop rates must lie in [0, 1]")
     order = torch.randperm(rates.numel(), generator=generator)
+    if groups is not None:  # a stable sort keeps the random order inside each group
+        order = order[torch.sort(groups.cpu()[order], stable=True).indices]
     offset = torch.rand((), generator=generator, dtype=torch.float64)
     upper = torch.cumsum(rates[order], dim=0) - offset
     lower = upper - rates[order]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from lit_gpt.data import IGNORE_INDEX
 from lit_gpt.lora import LoRALinear
 
-CHUNK_ELEMENTS = 2**24  # logits per chunk: chunk tokens x vocab, 64 MiB in fp32 (341 tokens at a 49k vocabulary)
+CHUNK_ELEMENTS = 2**23  # logits per chunk: chunk tokens x vocab, 32 MiB in fp32 (170 tokens at a 49k vocabulary)
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -99,6 +99,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             grad = _logits_gradient(logits, t_c, valid[:, None], x.dtype)
             _add_chunk_gradients(grad, x_c, x_a, rows, weight, lora_a, lora_b, scale, grads)
+            del logits, grad  # before the next chunk's logits exist: one chunk at a time, not two
         ctx.grads = grads
         return total
 
@@ -133,6 +134,7 @@ class _RecomputedLinearCrossEntropy(torch.autograd.Function):
             target_logits = logits.gather(1, t_c.clamp(min=0)[:, None])
             lse[rows] = _softmax_in_place(logits)
             total += ((lse[rows] - target_logits).squeeze(1) * valid).sum()
+            del logits  # one chunk at a time
         ctx.save_for_backward(x, weight, lora_a, lora_b, targets, lse)
         ctx.scale, ctx.chunk_size = scale, chunk_size
         return total
@@ -151,6 +153,7 @@ class _RecomputedLinearCrossEntropy(torch.autograd.Function):
             softmax = logits.sub_(lse[rows]).exp_()  # in place of the logits
             grad = _logits_gradient(softmax, t_c.clamp(min=0)[:, None], mask, x.dtype)
             _add_chunk_gradients(grad, x_c, x_a, rows, weight, lora_a, lora_b, ctx.scale, grads)
+            del logits, softmax, grad  # one chunk at a time, as in the forward
         return (*grads, None, None, None)
 
 

@@ -190,6 +190,33 @@ def test_chunked_loss_lowers_the_step_peak_of_a_large_vocabulary():
     assert peaks[False].saved - peaks[True].saved >= logits  # the full path saves its log-probabilities
 
 
+def test_the_chunked_loss_holds_one_chunk_of_logits_at_a_time():
+    """Its peak is the gradients it keeps plus one chunk's logits, however many chunks there are."""
+    config = replace(TINY, vocab_size=4096, padded_vocab_size=4096, block_size=64)
+    model = memory.build_model(config, "full", torch.float32, CPU, 0, "bnb.nf4")
+    ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(0))
+    hidden = model(ids, return_hidden=True).detach().requires_grad_()
+    chunk = 16
+    counter = memory.LiveBytes({memory.storage_key(t) for t in memory.static_tensors(model)}
+                               | {memory.storage_key(ids), memory.storage_key(hidden)})
+    with counter:
+        memory_loss.chunked_next_token_loss(model, hidden, ids, chunk_size=chunk)
+    kept = hidden.numel() * 4 + model.lm_head.weight.numel() * 4  # the gradients of the hidden states and the head
+    logits = chunk * 4096 * 4
+    assert 2 * 64 // chunk == 8  # eight chunks
+    assert kept + logits <= max(counter.timeline) < kept + 1.5 * logits
+
+
+def test_every_draw_of_a_uniform_rate_counts_the_same_peak():
+    """Each draw keeps as many attention and MLP branches as any other: the same saved bytes, and a peak that
+    differs only by where the kept branches sit (what is alive when the backward reaches them)."""
+    counter = fake_counter(replace(TINY, n_layer=8))
+    for p in (0.5, 0.875):
+        peaks = [counter.count(p, d, 32).peak for d in range(6)]
+        assert len({counter.count(p, d, 32).saved for d in range(6)}) == 1
+        assert max(peaks) < 1.02 * min(peaks), (p, peaks)
+
+
 def test_pld_counts_only_the_blocks_it_keeps():
     counter = fake_counter(replace(TINY, n_layer=4))
     plain = counter.count(0.0, 0, 32)

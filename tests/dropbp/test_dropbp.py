@@ -95,6 +95,24 @@ def test_forward_is_unchanged_at_any_drop_rate(p, parallel):
     assert torch.equal(bypass_forward(model, ids), expected)
 
 
+def test_every_draw_drops_the_same_number_of_attention_and_of_mlp_branches():
+    """So no draw keeps mostly the larger MLP branches: a step's memory and time do not depend on the draw."""
+    model = make_model(n_layer=8)
+    handler = DropBPHandler(model, seed=0)
+    handler.set_initial_drop_rate(0.75)
+    kinds = [layer.kind for layer in handler.layers]
+    assert kinds.count("attention") == kinds.count("mlp") == 8
+    ids, _ = make_batch()
+    patterns = set()
+    for _ in range(20):
+        model(ids)
+        dropped = handler.dropped
+        patterns.add(tuple(dropped))
+        assert sum(d for d, k in zip(dropped, kinds) if k == "attention") == 6
+        assert sum(d for d, k in zip(dropped, kinds) if k == "mlp") == 6
+    assert len(patterns) > 10
+
+
 # ---------------------------------------------------------------------------------------------- 2. p = 0
 @pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
 def test_zero_drop_rate_gives_bit_identical_gradients(parallel):
@@ -357,9 +375,10 @@ def test_realised_drop_rate_is_the_flops_share_of_the_dropped_branches():
         share = sum(f for f, d in zip(flops, dropped) if d) / 12
         assert handler.realised_drop_rate == pytest.approx(share, rel=1e-12)
         realised.append(handler.realised_drop_rate)
-    # The rates sum to 4, so systematic sampling drops exactly 4 branches: 1, 7 and two of 2-5 (FLOPs 1, 2, 1, 2),
-    # that is 4 + 2, 3 or 4 of the 12 FLOPs.
-    assert sorted(set(realised)) == pytest.approx([6 / 12, 7 / 12, 8 / 12], rel=1e-12)
+    # The rates sum to 4, so systematic sampling drops exactly 4 branches: 1, 7 and two of 2-5. Within each kind
+    # too: the attention rates (branches 0, 2, 4, 6) sum to 0.75 and the MLP ones to 3.25, so a draw drops one
+    # attention branch and 3 MLP ones (7 of the 12 FLOPs) or 4 MLP ones (8), never two attention branches (6).
+    assert sorted(set(realised)) == pytest.approx([7 / 12, 8 / 12], rel=1e-12)
     assert handler.mean_realised_drop_rate == pytest.approx(sum(realised) / len(realised))
     # In expectation: (0 + 1 * 2 + 0.5 * 1 + 0.5 * 2 + 0.25 * 1 + 0.75 * 2 + 0 + 1 * 2) / 12 = 7.25 / 12; the
     # standard error of 200 draws is about 0.01.

@@ -66,6 +66,33 @@ def test_systematic_sampling_at_uniform_rates_is_unbiased():
     assert len({tuple(m.tolist()) for m in masks}) > 60
 
 
+def test_grouped_systematic_sampling_fixes_each_groups_count_and_keeps_the_marginals():
+    g = torch.Generator().manual_seed(1)
+    rates = torch.rand(10, generator=g, dtype=torch.float64)
+    groups = torch.tensor([0, 1] * 5)  # attention, MLP, attention, ... as the blocks order them
+    draws = 40_000
+    masks = torch.stack([systematic_sample(rates, decision_generator(0, step), groups) for step in range(draws)])
+    realised = masks.double().mean(0)
+    sigma = (rates * (1 - rates) / draws).sqrt().clamp_min(1e-12)
+    assert ((realised - rates).abs() / sigma).max() < 4.5
+    for kind in (0, 1):
+        total = float(rates[groups == kind].sum())
+        assert set(masks[:, groups == kind].sum(1).tolist()) <= {math.floor(total), math.ceil(total)}
+    total = float(rates.sum())
+    assert set(masks.sum(1).tolist()) <= {math.floor(total), math.ceil(total)}
+    # Without the groups only the total is fixed: a group's count then spreads (the test's premise).
+    ungrouped = draw_many(rates, 2_000)
+    assert len(set(ungrouped[:, groups == 0].sum(1).tolist())) > 2
+
+
+def test_grouped_systematic_sampling_at_uniform_rates_varies_which_branches_drop():
+    groups = torch.tensor([0, 1] * 8)
+    masks = torch.stack([systematic_sample(torch.full((16,), 0.875), decision_generator(2, step), groups)
+                         for step in range(500)])
+    assert torch.all(masks[:, groups == 0].sum(1) == 7) and torch.all(masks[:, groups == 1].sum(1) == 7)
+    assert len({tuple(m.tolist()) for m in masks}) > 40  # each group's kept branch is still random
+
+
 def test_systematic_sampling_rejects_bad_rates():
     with pytest.raises(ValueError):
         systematic_sample(torch.tensor([0.5, 1.5]), decision_generator(0, 0))
