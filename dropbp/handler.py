@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from dropbp.allocation import ALLOCATORS, droppable_mask, dropped_fraction, uniform_allocation
 from dropbp.layer import DropBP
-from dropbp.sampling import SAMPLERS, decision_generator, systematic_sample
+from dropbp.sampling import SAMPLERS, decision_generator
 from dropbp.sensitivity import Metric, SensitivityResult, measure_sensitivity
 
 
@@ -51,6 +51,9 @@ class DropBPHandler:
         self.layers: list[DropBP] = [m for m in model.modules() if isinstance(m, DropBP)]
         if not self.layers:
             raise ValueError("the model has no DropBP layers: wrap its residual branches with dropbp.DropBP")
+        # An integer per branch, one per distinct `kind` label: systematic sampling fixes each kind's count.
+        kinds: dict[str | None, int] = {}
+        self._kind_groups = torch.tensor([kinds.setdefault(layer.kind, len(kinds)) for layer in self.layers])
         self.model = model
         self.seed = seed
         self.step = 0
@@ -133,22 +136,14 @@ class DropBPHandler:
         """
         if step is not None:
             self.step = step
-        generator = decision_generator(self.seed, self.step)
-        if self.sampling == "systematic":  # each kind of branch drops its own share (see `systematic_sample`)
-            mask = systematic_sample(torch.tensor(self.drop_rates), generator, self._kind_groups())
-        else:
-            mask = SAMPLERS[self.sampling](torch.tensor(self.drop_rates), generator)
+        sample = SAMPLERS[self.sampling]
+        mask = sample(torch.tensor(self.drop_rates), decision_generator(self.seed, self.step), self._kind_groups)
         for layer, dropped in zip(self.layers, mask.tolist()):
             layer.dropped = dropped
             layer.grad_scale = self._grad_scale(layer.drop_rate, dropped)
         self.step += 1
         self._dropped_flops_sum += self.realised_drop_rate
         return mask
-
-    def _kind_groups(self) -> torch.Tensor:
-        """An integer per branch, one per distinct `kind` label (unlabelled branches form one group)."""
-        labels: dict[str | None, int] = {}
-        return torch.tensor([labels.setdefault(getattr(layer, "kind", None), len(labels)) for layer in self.layers])
 
     def _grad_scale(self, drop_rate: float, dropped: bool) -> float:
         if not self.unbiased or dropped or drop_rate >= 1.0:

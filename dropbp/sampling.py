@@ -43,8 +43,11 @@ def systematic_sample(drop_rates: torch.Tensor, generator: torch.Generator,
     return mask
 
 
-def independent_sample(drop_rates: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def independent_sample(drop_rates: torch.Tensor, generator: torch.Generator,
+                       groups: torch.Tensor | None = None) -> torch.Tensor:
     """Draw a boolean drop mask with one independent coin flip per branch, P(mask[i]) == drop_rates[i].
+
+    `groups` is accepted for the samplers' common signature and ignored: independent flips fix no count.
 
     The number of dropped branches varies more than with `systematic_sample`, but the masks of different
     branches are independent: E[prod_{i in S} m_i] == prod_{i in S} E[m_i] for every set S of branches, which
