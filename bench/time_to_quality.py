@@ -52,6 +52,8 @@ CONFIG_OPTIONS = {
     "depth": ["--allocator", "depth"],
     "flops": ["--allocator", "flops"],
     "uniform": ["--sensitivity", "none"],
+    "decay": ["--drop_schedule", "decay"],
+    "ramp": ["--drop_schedule", "ramp"],
     "recalibrate": ["--recalibrate_every", "15"],  # every 10 % of the default 150 steps, after the first at 10 %
 }
 STEP_TIME_FILE = "step_time.json"

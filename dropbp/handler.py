@@ -61,6 +61,7 @@ class DropBPHandler:
         self.unbiased = unbiased
         self._sampling = sampling
         self.droppable: list[bool] | None = None  # None: every branch may drop
+        self.rate_scale = 1.0  # a factor on every drop rate, for schedules over training; 1: the rates as allocated
         self.sensitivities: list[float] | None = None
         self.last_calibration: SensitivityResult | None = None
         self._dropped_flops_sum = 0.0  # for the mean realised drop rate
@@ -71,6 +72,17 @@ class DropBPHandler:
     @property
     def drop_rates(self) -> list[float]:
         return [layer.drop_rate for layer in self.layers]
+
+    @property
+    def scheduled_drop_rates(self) -> list[float]:
+        """The rates the draws use: each allocated rate times `rate_scale`."""
+        return [layer.drop_rate * self.rate_scale for layer in self.layers]
+
+    def set_rate_scale(self, scale: float) -> None:
+        """Scale every drop rate by `scale` in [0, 1] from the next draw on (the allocation itself is kept)."""
+        if not 0.0 <= scale <= 1.0:
+            raise ValueError(f"the rate scale must lie in [0, 1], got {scale}")
+        self.rate_scale = float(scale)
 
     @property
     def branch_flops(self) -> list[float]:
@@ -137,10 +149,11 @@ class DropBPHandler:
         if step is not None:
             self.step = step
         sample = SAMPLERS[self.sampling]
-        mask = sample(torch.tensor(self.drop_rates), decision_generator(self.seed, self.step), self._kind_groups)
-        for layer, dropped in zip(self.layers, mask.tolist()):
+        rates = self.scheduled_drop_rates
+        mask = sample(torch.tensor(rates), decision_generator(self.seed, self.step), self._kind_groups)
+        for layer, rate, dropped in zip(self.layers, rates, mask.tolist()):
             layer.dropped = dropped
-            layer.grad_scale = self._grad_scale(layer.drop_rate, dropped)
+            layer.grad_scale = self._grad_scale(rate, dropped)
         self.step += 1
         self._dropped_flops_sum += self.realised_drop_rate
         return mask
@@ -228,7 +241,7 @@ class DropBPHandler:
     def lr_multiplier(self, branch: int) -> float:
         if not self.lr_compensation or branch < 0:
             return 1.0
-        p = self.layers[branch].drop_rate
+        p = self.layers[branch].drop_rate * self.rate_scale
         return 1.0 / (1.0 - p) if p < 1.0 else 1.0  # a branch that never trains needs no compensation
 
     def set_lr(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -247,6 +260,7 @@ class DropBPHandler:
             "lr_compensation": self.lr_compensation,
             "unbiased": self.unbiased,
             "droppable": self.droppable,
+            "rate_scale": self.rate_scale,
             "sampling": self._sampling,
             "dropped_flops_sum": self._dropped_flops_sum,
         }
@@ -260,6 +274,7 @@ class DropBPHandler:
         self.unbiased = state.get("unbiased", False)  # absent in checkpoints written before the option existed
         self._sampling = state.get("sampling")
         self.droppable = state.get("droppable")
+        self.rate_scale = state.get("rate_scale", 1.0)
         self._dropped_flops_sum = state["dropped_flops_sum"]
 
     def remove(self) -> None:

@@ -21,6 +21,7 @@ from dropbp.allocation import ALLOCATORS, UnreachableTarget
 from lit_gpt.flops import CostModel
 from lit_gpt.loss import chunked_next_token_loss, next_token_loss
 from lit_gpt.methods.base import RunContext, TrainingMethod
+from lit_gpt.schedule import drop_rate_scale
 from lit_gpt.utils import UserError
 
 
@@ -49,6 +50,9 @@ class DropBPArgs:
     unbiased: bool = False
     """experimental: a kept branch's backward times 1 / (1 - p_i), with independent draws, so the expected
     gradient is the full one; not with --lr_compensation"""
+    drop_schedule: Literal["constant", "decay", "ramp"] = "constant"
+    """experimental: the rates over training; decay: the allocated rates at the first step, falling linearly to 0
+    at the last; ramp: 0 rising to them. Either drops half as much as constant over a run"""
 
 
 def check_dropbp_args(args: DropBPArgs) -> None:
@@ -146,6 +150,7 @@ class DropBP(TrainingMethod):
     def before_step(self, run: RunContext) -> None:
         if run.step in self._calibration_steps:
             self.calibrate(run)
+        self.handler.set_rate_scale(drop_rate_scale(self.args.drop_schedule, run.step, run.max_steps))
 
     def skip_backward(self) -> bool:
         return self.handler.detect_non_grad()
@@ -199,6 +204,7 @@ class DropBP(TrainingMethod):
         entry = {"step": run.step, "target_drop_rate": self.args.drop_rate,
                  "allocator": self.args.allocator if calibration or self.args.allocator == "depth" else "uniform",
                  "drop_branches": self.args.drop_branches, "unbiased": self.args.unbiased,
+                 "drop_schedule": self.args.drop_schedule,
                  "metric": calibration.metric if calibration else None,
                  "seconds": calibration.seconds if calibration else None,
                  "drop_rates": self.handler.drop_rates, "sensitivities": self.handler.sensitivities,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -361,13 +362,60 @@ def test_allocator_depth_shapes_the_start_and_never_calibrates(tmp_path):
         check_dropbp_args(DropBPArgs(drop_rate=0.4, allocator="depth", sensitivity="grad"))
 
 
-def test_the_three_flags_parse_and_default_off(tmp_path):
+def test_the_variant_flags_parse_and_default_off(tmp_path):
     from lit_gpt.args import parse_args
 
     base = ["--checkpoint_dir", str(tmp_path)]
     assert parse_args("lora", base).dropbp == DropBPArgs()
     args = parse_args("lora", [*base, "--drop_rate", "0.3", "--unbiased", "true", "--drop_branches", "mlp",
-                               "--allocator", "depth"]).dropbp
-    assert (args.unbiased, args.drop_branches, args.allocator) == (True, "mlp", "depth")
+                               "--allocator", "depth", "--drop_schedule", "decay"]).dropbp
+    assert (args.unbiased, args.drop_branches, args.allocator, args.drop_schedule) == (True, "mlp", "depth", "decay")
     with pytest.raises(SystemExit):
         parse_args("lora", [*base, "--drop_branches", "norm"])
+
+
+# ---------------------------------------------------------------------------------------------- 4. schedule
+def test_drop_rate_scale_hand_worked():
+    from lit_gpt.schedule import drop_rate_scale
+
+    assert [drop_rate_scale("constant", s, 5) for s in range(5)] == [1.0] * 5
+    assert [drop_rate_scale("decay", s, 5) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [drop_rate_scale("ramp", s, 5) for s in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert drop_rate_scale("decay", 0, 1) == 1.0  # a one-step run keeps the rates
+    with pytest.raises(ValueError, match="unknown drop schedule"):
+        drop_rate_scale("cosine", 0, 5)
+
+
+def test_the_rate_scale_multiplies_every_draw_and_the_unbiased_scale_but_keeps_the_allocation():
+    model = TinyResidual(depth=4)
+    handler = DropBPHandler(model, unbiased=True)  # independent draws, so each branch drops at its own rate
+    handler.set_drop_rates([0.8] * 4)
+    handler.set_rate_scale(0.5)
+    dropped = torch.stack([handler.draw(step) for step in range(4000)]).double()
+    assert dropped.mean().item() == pytest.approx(0.4, abs=0.02)
+    assert handler.drop_rates == [0.8] * 4 and handler.scheduled_drop_rates == [0.4] * 4
+    kept = next(layer for layer in handler.layers if not layer.dropped)
+    assert kept.grad_scale == pytest.approx(1 / 0.6)
+    handler.set_rate_scale(0.0)
+    assert not any(handler.draw(step).any() for step in range(50))
+    with pytest.raises(ValueError, match=r"rate scale must lie in \[0, 1\]"):
+        handler.set_rate_scale(1.5)
+
+
+def test_the_rate_scale_is_saved_and_old_states_load_unscaled():
+    handler = DropBPHandler(TinyResidual())
+    handler.set_rate_scale(0.25)
+    state = handler.state_dict()
+    restored = DropBPHandler(TinyResidual())
+    restored.load_state_dict(state)
+    assert restored.rate_scale == 0.25
+    restored.load_state_dict({k: v for k, v in state.items() if k != "rate_scale"})
+    assert restored.rate_scale == 1.0
+
+
+def test_the_method_sets_the_schedule_before_every_step(tmp_path):
+    method = started(DropBPArgs(drop_rate=0.5, drop_schedule="ramp", sensitivity="none"), tmp_path, max_steps=5)
+    run = SimpleNamespace(step=2, max_steps=5)
+    method.before_step(run)
+    assert method.handler.rate_scale == 0.5 and method.history[0]["drop_schedule"] == "ramp"
+    assert method.handler.scheduled_drop_rates == [0.25] * 8

@@ -363,6 +363,16 @@ def test_recalibrate_every_calibrates_again_inside_the_loop(tiny, tmp_path):
     assert all(len(entry["sensitivities"]) == 4 and min(entry["sensitivities"]) > 0 for entry in history[1:])
 
 
+def test_drop_schedule_decay_falls_to_full_backprop_at_the_last_step(tiny, tmp_path):
+    cli("lora", argv=flags(tiny, tmp_path, "--sensitivity", "none", "--drop_schedule", "decay", steps=6))
+    (rows,) = logged_runs(tmp_path)
+    realised = losses(rows, "realised_drop_rate")
+    assert len(realised) == 6 and realised[0] > 0.3 and realised[-1] == 0.0, realised
+    assert sum(realised[:3]) > sum(realised[3:]), realised  # expected 0.875 * (1, 0.8, ..., 0)
+    history = json.loads((tmp_path / "drop_rates.json").read_text())
+    assert history[0]["drop_schedule"] == "decay" and history[0]["drop_rates"] == [0.875] * 4  # allocation kept
+
+
 def test_train_epochs_sets_the_run_length(tiny, tmp_path, capsys):
     # 40 training samples in micro-batches of 2 and optimizer steps of 20: 2 steps per epoch, 3 epochs.
     argv = flags(tiny, tmp_path, "--train.global_batch_size", "20", "--train.epochs", "3", "--train.max_steps", "null",
