@@ -13,6 +13,8 @@ from dropbp.layer import DropBP
 from dropbp.sampling import SAMPLERS, decision_generator
 from dropbp.sensitivity import Metric, SensitivityResult, measure_sensitivity
 
+DROP_MODES = ("branch", "weights")  # what a dropped branch skips: its whole backward, or its weight gradients only
+
 
 class DropBPHandler:
     """Finds the DropBP layers of `model` and decides, before every training-mode forward, which to drop.
@@ -27,6 +29,9 @@ class DropBPHandler:
         lr_compensation: scale each branch's learning rate by 1 / (1 - p_i) in `set_lr`.
         unbiased: scale the backward of every kept branch by 1 / (1 - p_i), so that the expected gradient is
             the full-backprop one (below). Not with `lr_compensation`, which compensates the same drops again.
+        drop_mode: "branch" (the paper): a dropped branch skips its whole backward; "weights": it still passes the
+            gradient to its input and skips only its own weight gradients, so every layer below gets the exact
+            gradient and the saving is the branch's weight gradients. Not with `unbiased`.
         sampling: "systematic" (`dropbp.sampling.systematic_sample`, within each `kind` of branch) or
             "independent" coin flips per branch; default: independent when `unbiased`, systematic otherwise.
 
@@ -43,14 +48,22 @@ class DropBPHandler:
     """
 
     def __init__(self, model: nn.Module, seed: int = 0, lr_compensation: bool = False, unbiased: bool = False,
-                 *, sampling: str | None = None) -> None:
+                 *, drop_mode: str = "branch", sampling: str | None = None) -> None:
         if unbiased and lr_compensation:
             raise ValueError("unbiased and lr_compensation both compensate for the dropped gradient: choose one")
+        if drop_mode not in DROP_MODES:
+            raise ValueError(f"unknown drop_mode {drop_mode!r}: choose {' or '.join(DROP_MODES)}")
+        if unbiased and drop_mode == "weights":
+            raise ValueError("unbiased scales a kept branch's whole backward, which would bias the layers below in "
+                             "the weights drop mode: choose one")
         if sampling is not None and sampling not in SAMPLERS:
             raise ValueError(f"unknown sampling {sampling!r}: choose {' or '.join(SAMPLERS)}")
         self.layers: list[DropBP] = [m for m in model.modules() if isinstance(m, DropBP)]
         if not self.layers:
             raise ValueError("the model has no DropBP layers: wrap its residual branches with dropbp.DropBP")
+        self.drop_mode = drop_mode
+        for layer in self.layers:
+            layer.weights_only = drop_mode == "weights"
         # An integer per branch, one per distinct `kind` label: systematic sampling fixes each kind's count.
         kinds: dict[str | None, int] = {}
         self._kind_groups = torch.tensor([kinds.setdefault(layer.kind, len(kinds)) for layer in self.layers])
@@ -213,7 +226,8 @@ class DropBPHandler:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self._calibrating = True
         try:
-            result = measure_sensitivity(self.layers, loss_fn, params, metric)
+            result = measure_sensitivity(self.layers, loss_fn, params, metric,
+                                         weights_only=self.drop_mode == "weights")
         finally:
             self._calibrating = False
         if reduce is not None:
@@ -259,6 +273,7 @@ class DropBPHandler:
             "sensitivities": self.sensitivities,
             "lr_compensation": self.lr_compensation,
             "unbiased": self.unbiased,
+            "drop_mode": self.drop_mode,
             "droppable": self.droppable,
             "rate_scale": self.rate_scale,
             "sampling": self._sampling,
@@ -273,6 +288,9 @@ class DropBPHandler:
         self.lr_compensation = state["lr_compensation"]
         self.unbiased = state.get("unbiased", False)  # absent in checkpoints written before the option existed
         self._sampling = state.get("sampling")
+        self.drop_mode = state.get("drop_mode", "branch")
+        for layer in self.layers:
+            layer.weights_only = self.drop_mode == "weights"
         self.droppable = state.get("droppable")
         self.rate_scale = state.get("rate_scale", 1.0)
         self._dropped_flops_sum = state["dropped_flops_sum"]
@@ -281,4 +299,4 @@ class DropBPHandler:
         """Detach the forward hook; the model then never drops again."""
         self._hook.remove()
         for layer in self.layers:
-            layer.dropped, layer.grad_scale = False, 1.0
+            layer.dropped, layer.grad_scale, layer.weights_only = False, 1.0, False

@@ -30,6 +30,11 @@ class DropBP(nn.Module):
     output is the same, but no autograd graph is built, so no activations are kept and no backward work
     happens. Eval mode never drops.
 
+    With `weights_only` (the handler's "weights" drop mode) a dropped branch still builds its graph and passes the
+    gradient on to its input; only its own parameters get no gradient this micro-batch. The layers below then get
+    the exact gradient, and the step saves the branch's weight gradients (about half its backward in full
+    fine-tuning, little with LoRA) instead of its whole backward.
+
     When the branch is kept and `grad_scale` is not 1 (the handler's unbiased mode sets 1 / (1 - p) at each
     draw), the gradient flowing into the branch output is multiplied by `grad_scale` in the backward: the
     branch's own weight gradients and the gradient it sends to its input are both scaled, the forward is not.
@@ -55,6 +60,7 @@ class DropBP(nn.Module):
         self.kind = kind
         self.drop_rate = 0.0
         self.dropped = False  # decided per micro-batch by DropBPHandler
+        self.weights_only = False  # dropping skips only the branch's weight gradients (set by DropBPHandler)
         self.grad_scale = 1.0  # set per micro-batch by DropBPHandler; 1 leaves the backward untouched
         self.capture: list[torch.Tensor] | None = None  # set during sensitivity calibration
 
@@ -68,6 +74,8 @@ class DropBP(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.training and self.dropped:
+            if self.weights_only:
+                return self._without_weight_gradients(*args, **kwargs)
             with torch.no_grad():
                 return self.branch(*args, **kwargs)
         output = self.branch(*args, **kwargs)
@@ -77,6 +85,19 @@ class DropBP(nn.Module):
             self.capture.append(output)
         return output
 
+    def _without_weight_gradients(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Autograd decides what to record when each op runs, so freezing the weights for the call alone is enough:
+        # the graph reaches the input, and nothing is saved for weight gradients.
+        trainable = [p for p in self.branch_parameters() if p.requires_grad]
+        for p in trainable:
+            p.requires_grad_(False)
+        try:
+            return self.branch(*args, **kwargs)
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
+
     def extra_repr(self) -> str:
         kind = f", kind={self.kind}" if self.kind else ""
-        return f"drop_rate={self.drop_rate:.3f}, flops={self.flops:.3g}{kind}"
+        weights = ", weights_only=True" if self.weights_only else ""
+        return f"drop_rate={self.drop_rate:.3f}, flops={self.flops:.3g}{kind}{weights}"

@@ -15,7 +15,11 @@ so one forward pass (with its graph retained) serves every branch:
   per-tensor norms are kept, so memory stays at one transient gradient set, as the paper intends for
   full fine-tuning.
 
-Both cost one forward pass instead of the naive 2L+1 forward and backward passes. Gradients go through
+Both cost one forward pass instead of the naive 2L+1 forward and backward passes.
+
+When dropping only skips a branch's own weight gradients (`weights_only`, the "weights" drop mode), G_i is G_0
+with branch i's own tensors zeroed, so both metrics reduce to the sum of ||G_0,t||^2 over those tensors: one
+full backward serves every branch. Gradients go through
 `torch.autograd.grad`, so the accumulated `.grad` buffers, the optimizer and every RNG are untouched.
 """
 
@@ -47,11 +51,13 @@ class SensitivityResult:
 
 
 def measure_sensitivity(layers: Sequence[DropBP], loss_fn: Callable[[], torch.Tensor],
-                        params: Sequence[torch.nn.Parameter], metric: Metric = "grad") -> SensitivityResult:
+                        params: Sequence[torch.nn.Parameter], metric: Metric = "grad",
+                        weights_only: bool = False) -> SensitivityResult:
     """Sensitivity of every layer in `layers` for the batch that `loss_fn` evaluates.
 
     `loss_fn` runs the forward pass and returns the scalar loss; it must not call `backward()`.
-    `params` are the trainable parameters whose gradients are compared.
+    `params` are the trainable parameters whose gradients are compared. `weights_only`: dropping a branch only
+    removes its own weights' gradients (the same value for both metrics, see the module's docstring).
     """
     if metric not in ("grad", "gradnorm"):
         raise ValueError(f"unknown sensitivity metric {metric!r}: choose grad or gradnorm")
@@ -69,7 +75,9 @@ def measure_sensitivity(layers: Sequence[DropBP], loss_fn: Callable[[], torch.Te
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise TypeError("loss_fn must return the scalar loss tensor (and must not call backward itself)")
             outputs = [_captured_output(layer) for layer in layers]
-            if metric == "grad":
+            if weights_only:
+                sensitivities, backward_passes = _own_gradient_variance(loss, layers, params)
+            elif metric == "grad":
                 sensitivities, backward_passes = _gradient_variance(loss, outputs, params)
             else:
                 sensitivities, backward_passes = _gradnorm_variance(loss, outputs, params)
@@ -119,6 +127,12 @@ def _gradnorm_variance(loss, outputs, params) -> tuple[list[float], int]:
                                       retain_graph=True, allow_unused=True)
         sensitivities.append(sum((n0 - _norm(gi)) ** 2 for n0, gi in zip(full_norms, dropped)))
     return sensitivities, 2 + sum(h is not None for h in outputs)
+
+
+def _own_gradient_variance(loss, layers, params) -> tuple[list[float], int]:
+    full = torch.autograd.grad(loss, params, allow_unused=True)
+    squares = {id(p): 0.0 if g is None else float(g.double().pow(2).sum()) for p, g in zip(params, full)}
+    return [sum(squares.get(id(p), 0.0) for p in layer.branch_parameters()) for layer in layers], 1
 
 
 def _norm(g: torch.Tensor | None) -> float:

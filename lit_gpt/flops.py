@@ -142,15 +142,18 @@ def units(ops: Iterable[Op]) -> list[Unit]:
 
 
 def training_flops(ops: list[Op], trained: set[int] | None = None, skipped_blocks: Iterable[int] = (),
-                   no_backward: Iterable[tuple[int, str]] = ()) -> tuple[float, float]:
+                   no_backward: Iterable[tuple[int, str]] = (), no_weight_grad: Iterable[tuple[int, str]] = ()
+                   ) -> tuple[float, float]:
     """(forward, backward) FLOPs of one sequence.
 
     Args:
         trained: ids of the units that receive a gradient; None: every unit in the profile.
         skipped_blocks: blocks that are not computed at all (Progressive Layer Dropping).
         no_backward: (block, branch) pairs whose backward is dropped (DropBP); their forward still runs.
+        no_weight_grad: (block, branch) pairs whose units get no gradient but still pass it on (DropBP's weights
+            drop mode).
     """
-    skipped, frozen = set(skipped_blocks), set(no_backward)
+    skipped, frozen, weights_frozen = set(skipped_blocks), set(no_backward), set(no_weight_grad)
     forward = backward = pending = 0.0
     for op in ops:
         if op.block in skipped:
@@ -158,9 +161,10 @@ def training_flops(ops: list[Op], trained: set[int] | None = None, skipped_block
         forward += op.forward
         if (op.block, op.branch) in frozen:
             continue  # the gradient bypasses the branch through the residual
+        units_train = (op.block, op.branch) not in weights_frozen
         for unit in op.units:
             pending += unit.reach
-            if trained is None or id(unit) in trained:
+            if units_train and (trained is None or id(unit) in trained):
                 backward += pending + unit.weight_grad
                 pending = 0.0
         pending += op.input_grad  # paid only if a unit below trains
@@ -178,10 +182,11 @@ def current_training_flops(model: nn.Module, seq_len: int, ops: list[Op] | None 
     trained = _trained(ops)
     blocks = model.transformer.h
     skipped = [i for i, b in enumerate(blocks) if b.training and not b.keep]
-    dropped = [(i, name) for i, b in enumerate(blocks)
+    dropped = [((i, name), layer.weights_only) for i, b in enumerate(blocks)
                for name, layer in (("attn", b.dropbp_attn), ("mlp", b.dropbp_mlp))
                if layer.training and layer.dropped]
-    return training_flops(ops, trained, skipped, dropped)
+    return training_flops(ops, trained, skipped, no_backward=[key for key, weights in dropped if not weights],
+                          no_weight_grad=[key for key, weights in dropped if weights])
 
 
 def backward_by_branch(ops: list[Op], trained: set[int] | None = None) -> dict[tuple[int | None, str | None], float]:
@@ -240,6 +245,18 @@ class CostModel:
         shares = backward_by_branch(self.profile(seq_len), _trained(self.profile(seq_len)))
         blocks = range(len(self.model.transformer.h))
         return [shares.get((block, branch), 0.0) for block in blocks for branch in BRANCHES]
+
+    def branch_weight_grad_flops(self, seq_len: int) -> list[float]:
+        """What skipping only each branch's weight gradients saves (DropBP's weights drop mode), in model order.
+
+        Each is the full backward minus the backward with that branch's units frozen: its weight gradients, plus
+        any input gradient below that only it needed (the lowest branches of a model with nothing else training).
+        """
+        ops = self.profile(seq_len)
+        trained = _trained(ops)
+        _, full = training_flops(ops, trained)
+        keys = [(block, branch) for block in range(len(self.model.transformer.h)) for branch in BRANCHES]
+        return [full - training_flops(ops, trained, no_weight_grad=[key])[1] for key in keys]
 
     def theoretical_saving(self, seq_len: int, drop_rates: Sequence[float] | float) -> float:
         """Expected share of a step's FLOPs that DropBP saves at these rates, embedding, head and loss included.

@@ -50,6 +50,10 @@ class DropBPArgs:
     unbiased: bool = False
     """experimental: a kept branch's backward times 1 / (1 - p_i), with independent draws, so the expected
     gradient is the full one; not with --lr_compensation"""
+    drop_mode: Literal["branch", "weights"] = "branch"
+    """branch: a dropped branch skips its whole backward (the paper); weights (experimental, for full fine-tuning):
+    it still passes the gradient down and skips only its own weight gradients, so the layers below get the exact
+    gradient and the saving is about half the branch's backward; the rates are allocated over those savings"""
     drop_schedule: Literal["constant", "decay", "ramp"] = "constant"
     """experimental: the rates over training; decay: the allocated rates at the first step, falling linearly to 0
     at the last; ramp: 0 rising to them. Either drops half as much as constant over a run"""
@@ -68,6 +72,9 @@ def check_dropbp_args(args: DropBPArgs) -> None:
     if args.unbiased and args.lr_compensation:
         raise UserError("--unbiased true and --lr_compensation true both compensate for the dropped gradients: "
                         "pass only one")
+    if args.unbiased and args.drop_mode == "weights":
+        raise UserError("--unbiased true scales a kept branch's whole backward, which would bias the layers below "
+                        "that --drop_mode weights keeps exact: pass only one")
 
 
 class DropBP(TrainingMethod):
@@ -91,7 +98,7 @@ class DropBP(TrainingMethod):
             self.metric = "none"
         self.calibration_batch_size = args.calibration_batch_size or calibration_batch_size
         self.handler = DropBPHandler(model, seed=seed, lr_compensation=args.lr_compensation,
-                                     unbiased=args.unbiased)
+                                     unbiased=args.unbiased, drop_mode=args.drop_mode)
         self.handler.set_initial_drop_rate(args.drop_rate)  # replaced in `start`, once the FLOPs are known
         self.history: list[dict] = []  # every allocation: the uniform start, then each calibration
         self._realised: list[float] = []  # this step's micro-batches
@@ -115,7 +122,9 @@ class DropBP(TrainingMethod):
     def start(self, run: RunContext) -> None:
         # Allocation weighs branches by the backward FLOPs dropping them saves, at the mean training length. A branch
         # whose backward costs nothing (no adapter in it, nothing trainable below it) keeps 1 FLOP: allocators divide.
-        flops = CostModel(run.model).branch_backward_flops(run.mean_seq_length)
+        costs = CostModel(run.model)
+        flops = (costs.branch_weight_grad_flops if self.args.drop_mode == "weights"
+                 else costs.branch_backward_flops)(run.mean_seq_length)
         self.handler.set_branch_flops([max(1.0, f) for f in flops])
         self._calibration_steps = self.calibration_steps(run.max_steps)
         if not self.history:  # a resumed run keeps its checkpointed rates
@@ -204,7 +213,7 @@ class DropBP(TrainingMethod):
         entry = {"step": run.step, "target_drop_rate": self.args.drop_rate,
                  "allocator": self.args.allocator if calibration or self.args.allocator == "depth" else "uniform",
                  "drop_branches": self.args.drop_branches, "unbiased": self.args.unbiased,
-                 "drop_schedule": self.args.drop_schedule,
+                 "drop_mode": self.args.drop_mode, "drop_schedule": self.args.drop_schedule,
                  "metric": calibration.metric if calibration else None,
                  "seconds": calibration.seconds if calibration else None,
                  "drop_rates": self.handler.drop_rates, "sensitivities": self.handler.sensitivities,

@@ -419,3 +419,90 @@ def test_the_method_sets_the_schedule_before_every_step(tmp_path):
     method.before_step(run)
     assert method.handler.rate_scale == 0.5 and method.history[0]["drop_schedule"] == "ramp"
     assert method.handler.scheduled_drop_rates == [0.25] * 8
+
+
+# ---------------------------------------------------------------------------------------------- 5. weights mode
+def branch_parameter_ids(model: TinyResidual, i: int) -> set[int]:
+    return {id(p) for p in model.branches[i].parameters()}
+
+
+def gradient_by_parameter(model: nn.Module) -> dict[int, torch.Tensor | None]:
+    x, y = batch()
+    model.zero_grad(set_to_none=True)
+    nn.functional.mse_loss(model(x), y).backward()
+    return {id(p): p.grad for p in model.parameters()}
+
+
+@pytest.mark.parametrize("drop_mode", ["branch", "weights"])
+def test_the_weights_mode_keeps_every_other_gradient_exact_and_only_zeroes_the_dropped_branchs_own(drop_mode):
+    model = TinyResidual(depth=4)
+    model.eval()
+    exact = gradient_by_parameter(model)
+    model.train()
+    handler = DropBPHandler(model, drop_mode=drop_mode)
+    handler.set_drop_rates([0.0, 0.0, 1.0, 0.0])  # branch 2 always drops
+    grads = gradient_by_parameter(model)
+    assert all(p.requires_grad for p in model.parameters())  # the weights were frozen for the call only
+    dropped = branch_parameter_ids(model, 2)
+    assert all(grads[i] is None for i in dropped)
+    below = [id(p) for p in [*model.inp.parameters(), *model.branches[0].parameters(), *model.branches[1].parameters()]]
+    above = [id(p) for p in [*model.branches[3].parameters(), *model.out.parameters()]]
+    assert all(torch.equal(grads[i], exact[i]) for i in above)  # above the branch nothing changes in either mode
+    if drop_mode == "weights":
+        assert all(torch.equal(grads[i], exact[i]) for i in below)
+    else:  # the whole backward is skipped: the layers below miss the gradient that came through the branch
+        assert not any(torch.allclose(grads[i], exact[i]) for i in below)
+
+
+def test_the_weights_mode_restores_requires_grad_when_the_branch_raises():
+    def failing(x):
+        raise RuntimeError("boom")
+
+    linear = nn.Linear(2, 2)
+    layer = DropBP(failing, modules=(linear,))
+    layer.dropped, layer.weights_only = True, True
+    with pytest.raises(RuntimeError, match="boom"):
+        layer(torch.ones(2, requires_grad=True))
+    assert all(p.requires_grad for p in linear.parameters())
+
+
+def test_weights_only_sensitivity_is_the_gradient_each_drop_removes():
+    from dropbp.sensitivity import measure_sensitivity
+
+    model = TinyResidual(depth=4)
+    handler = DropBPHandler(model, drop_mode="weights")
+    x, y = batch()
+    params = list(model.parameters())
+    for metric in ("grad", "gradnorm"):
+        handler.set_drop_rates([0.0] * 4)  # the measurement's forward draws too (the handler's own call prevents it)
+        result = measure_sensitivity(handler.layers, lambda: nn.functional.mse_loss(model(x), y), params, metric,
+                                     weights_only=True)
+        exact = flat_gradient(model.eval())
+        model.train()
+        expected = []
+        for i in range(4):
+            handler.set_drop_rates([1.0 if j == i else 0.0 for j in range(4)])
+            expected.append(float((exact - flat_gradient(model)).pow(2).sum()))
+        assert result.sensitivities == pytest.approx(expected, rel=1e-9)
+        assert result.backward_passes == 1
+
+
+def test_the_drop_mode_is_saved_and_refused_with_unbiased(tmp_path):
+    state = DropBPHandler(TinyResidual(), drop_mode="weights").state_dict()
+    restored = DropBPHandler(TinyResidual())
+    restored.load_state_dict(state)
+    assert restored.drop_mode == "weights" and all(layer.weights_only for layer in restored.layers)
+    with pytest.raises(ValueError, match="choose one"):
+        DropBPHandler(TinyResidual(), unbiased=True, drop_mode="weights")
+    with pytest.raises(UserError, match="--drop_mode weights"):
+        check_dropbp_args(DropBPArgs(drop_rate=0.5, unbiased=True, drop_mode="weights"))
+
+
+def test_the_weights_mode_allocates_over_the_weight_gradient_savings(tmp_path):
+    from lit_gpt.flops import CostModel
+
+    method = started(DropBPArgs(drop_rate=0.5, drop_mode="weights"), tmp_path)
+    model = method.handler.model
+    assert method.handler.branch_flops == pytest.approx(CostModel(model).branch_weight_grad_flops(16))
+    assert all(layer.weights_only for layer in method.handler.layers)
+    assert method.history[0]["drop_mode"] == "weights"

@@ -373,6 +373,16 @@ def test_drop_schedule_decay_falls_to_full_backprop_at_the_last_step(tiny, tmp_p
     assert history[0]["drop_schedule"] == "decay" and history[0]["drop_rates"] == [0.875] * 4  # allocation kept
 
 
+def test_full_finetuning_in_the_weights_drop_mode_calibrates_and_trains(tiny, tmp_path):
+    cli("full", argv=flags(tiny, tmp_path, "--drop_mode", "weights", "--drop_rate", "0.5", "--sensitivity_at", "0.25",
+                           "--train.learning_rate", "3e-3", steps=4))
+    history = json.loads((tmp_path / "drop_rates.json").read_text())
+    assert [entry["step"] for entry in history] == [0, 1] and history[1]["drop_mode"] == "weights"
+    assert min(history[1]["sensitivities"]) > 0  # each branch's own weight gradient
+    val_loss = losses(metrics(tmp_path), "val_loss")
+    assert val_loss[-1] < val_loss[0], val_loss
+
+
 def test_train_epochs_sets_the_run_length(tiny, tmp_path, capsys):
     # 40 training samples in micro-batches of 2 and optimizer steps of 20: 2 steps per epoch, 3 epochs.
     argv = flags(tiny, tmp_path, "--train.global_batch_size", "20", "--train.epochs", "3", "--train.max_steps", "null",

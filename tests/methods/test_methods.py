@@ -168,11 +168,28 @@ def test_dropping_branches_saves_exactly_their_shares_of_the_backward_in_full_fi
     assert training_flops(ops, no_backward=no_backward) == (forward, backward - saved)
 
 
-@pytest.mark.parametrize("method", ["none", "dropbp", "pld", "greentrainer", "lora"])
+def test_skipping_only_weight_gradients_saves_the_units_own_gradients_in_full_finetuning():
+    from lit_gpt.flops import CostModel
+
+    model = small_model()
+    ops, costs = cost_profile(model, 32), CostModel(model)
+    saved = costs.branch_weight_grad_flops(32)
+    own = [sum(u.weight_grad + u.reach for op in ops if (op.block, op.branch) == (i // 2, ("attn", "mlp")[i % 2])
+               for u in op.units) for i in range(len(saved))]
+    assert saved == pytest.approx(own, rel=1e-12)  # everything trains, so input gradients are always needed
+    whole = costs.branch_backward_flops(32)
+    assert all(0.3 < s / w < 0.7 for s, w in zip(saved, whole)), [s / w for s, w in zip(saved, whole)]
+    _, backward = training_flops(ops)
+    both = [(0, "mlp"), (1, "attn")]
+    assert training_flops(ops, no_weight_grad=both)[1] == pytest.approx(backward - saved[1] - saved[2], rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["none", "dropbp", "dropbp-weights", "pld", "greentrainer", "lora"])
 def test_measured_flops_of_a_step_are_within_10_percent_of_the_cost_model(method):
     model, ids = small_model(), batch(length=16)
-    if method == "dropbp":
-        DropBPHandler(model, seed=1).set_initial_drop_rate(0.5)
+    if method.startswith("dropbp"):
+        drop_mode = "weights" if method == "dropbp-weights" else "branch"
+        DropBPHandler(model, seed=1, drop_mode=drop_mode).set_initial_drop_rate(0.5)
     elif method == "pld":
         ProgressiveLayerDrop(model, theta_bar=0.3, gamma=1.0, seed=1).set_step(100)
     elif method == "greentrainer":
