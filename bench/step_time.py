@@ -100,21 +100,29 @@ def clear_drops(handler: DropBPHandler) -> None:
 
 
 def dropbp_setting(cost: CostModel, handler: DropBPHandler, p: float, seq_len: int,
-                   keep_head_backward=False) -> Setting:
+                   keep_head_backward=False, drop_mode: str = "branch") -> Setting:
     """DropBP at uniform rate p, repeating its representative decision. `handler` has no forward hook
-    (`detached_handler`): the setting draws the decision itself, so every timed step runs the same one."""
+    (`detached_handler`): the setting draws the decision itself, so every timed step runs the same one.
+    `drop_mode` "weights" drops only the chosen branches' weight gradients (labelled apart from the paper's rows)."""
     def draw(index: int) -> None:
+        handler.set_drop_mode(drop_mode)
         handler.set_initial_drop_rate(p)
         handler.draw(step=index)
 
+    def leave() -> None:
+        clear_drops(handler)
+        handler.set_drop_mode("branch")
+
     index, flops = representative(draw, lambda: step_flops(cost, seq_len))
     label = "DropBP 1− (head BW kept)" if keep_head_backward else f"DropBP {p:g}"
+    if drop_mode == "weights":
+        label = f"weight grads only {p:g}"
     draw(index)
     dropped = sum(handler.dropped)
-    clear_drops(handler)
+    leave()
     if keep_head_backward:
         flops = None  # the cost model prices the loop's real p = 1 step, which skips the head's backward
-    return Setting(label, p, lambda: draw(index), lambda: clear_drops(handler), keep_head_backward, flops,
+    return Setting(label, p, lambda: draw(index), leave, keep_head_backward, flops,
                    f"{dropped}/{len(handler.layers)} branches dropped")
 
 
@@ -201,6 +209,7 @@ def settings_for(model: GPT, handler: DropBPHandler, kind: str, ids: torch.Tenso
     cost = CostModel(model)
     settings = [Setting("baseline", flops=step_flops(cost, seq_len))]
     settings += [dropbp_setting(cost, handler, p, seq_len) for p in args["drop_rates"] if p > 0]
+    settings += [dropbp_setting(cost, handler, p, seq_len, drop_mode="weights") for p in args["weights_drop_rates"]]
     handler.set_initial_drop_rate(1.0)
     handler.draw()
     if 1.0 in args["drop_rates"] and handler.detect_non_grad():  # LoRA with a frozen head: p = 1 skips it too
@@ -319,6 +328,7 @@ def main(
     model_name: str = "SmolLM2-135M",
     methods: list[str] = ["full", "lora", "qlora"],
     drop_rates: list[float] = [0.5, 0.75, 0.875, 1.0],
+    weights_drop_rates: list[float] = [],
     pld_theta: float | None = 0.5,
     gt_rho: float | None = 0.7,
     seq_len: int = 256,
@@ -336,6 +346,8 @@ def main(
         model_name: a lit_gpt preset; its shape is used with random weights.
         methods: fine-tuning kinds to time: any of full, lora, qlora (bitsandbytes 4-bit base).
         drop_rates: uniform DropBP rates to time against the baseline; include 1 for the straight-line efficiency.
+        weights_drop_rates: uniform rates of the weights drop mode (`--drop_mode weights`: dropped branches skip only
+            their weight gradients) to time as well; none by default.
         pld_theta: PLD's final keep level θ̄ (timed at the end of its schedule); None leaves PLD out.
         gt_rho: GreenTrainer's FLOPs budget ρ; None leaves GreenTrainer out.
         seq_len: tokens per sequence.
@@ -350,8 +362,9 @@ def main(
     for kind in methods:
         if kind not in KINDS:
             raise UserError(f"unknown fine-tuning method {kind!r}: choose from {', '.join(KINDS)}")
-    if any(not 0 < p <= 1 for p in drop_rates):
-        raise UserError(f"--drop_rates must lie in (0, 1] (the baseline is always timed), got {drop_rates}")
+    if any(not 0 < p <= 1 for p in drop_rates + weights_drop_rates):
+        raise UserError(f"--drop_rates and --weights_drop_rates must lie in (0, 1] (the baseline is always timed), "
+                        f"got {drop_rates} and {weights_drop_rates}")
     if pld_theta is not None and not 0 < pld_theta <= 1:
         raise UserError(f"--pld_theta must lie in (0, 1], got {pld_theta}")
     if gt_rho is not None and not 0 < gt_rho <= 1:
@@ -361,7 +374,7 @@ def main(
     torch_device = resolve_device(device)
     torch_dtype = parse_dtype(dtype) or default_dtype(torch_device)
     config = Config.from_name(model_name, block_size=max(seq_len, 1))
-    args = dict(drop_rates=drop_rates, pld_theta=pld_theta, gt_rho=gt_rho, seq_len=seq_len,
+    args = dict(drop_rates=drop_rates, weights_drop_rates=weights_drop_rates, pld_theta=pld_theta, gt_rho=gt_rho, seq_len=seq_len,
                 micro_batch_size=micro_batch_size, steps=steps, warmup=warmup, seed=seed)
     rows = []
     for kind in methods:

@@ -51,19 +51,11 @@ class DropBPHandler:
                  *, drop_mode: str = "branch", sampling: str | None = None) -> None:
         if unbiased and lr_compensation:
             raise ValueError("unbiased and lr_compensation both compensate for the dropped gradient: choose one")
-        if drop_mode not in DROP_MODES:
-            raise ValueError(f"unknown drop_mode {drop_mode!r}: choose {' or '.join(DROP_MODES)}")
-        if unbiased and drop_mode == "weights":
-            raise ValueError("unbiased scales a kept branch's whole backward, which would bias the layers below in "
-                             "the weights drop mode: choose one")
         if sampling is not None and sampling not in SAMPLERS:
             raise ValueError(f"unknown sampling {sampling!r}: choose {' or '.join(SAMPLERS)}")
         self.layers: list[DropBP] = [m for m in model.modules() if isinstance(m, DropBP)]
         if not self.layers:
             raise ValueError("the model has no DropBP layers: wrap its residual branches with dropbp.DropBP")
-        self.drop_mode = drop_mode
-        for layer in self.layers:
-            layer.weights_only = drop_mode == "weights"
         # An integer per branch, one per distinct `kind` label: systematic sampling fixes each kind's count.
         kinds: dict[str | None, int] = {}
         self._kind_groups = torch.tensor([kinds.setdefault(layer.kind, len(kinds)) for layer in self.layers])
@@ -72,6 +64,7 @@ class DropBPHandler:
         self.step = 0
         self.lr_compensation = lr_compensation
         self.unbiased = unbiased
+        self.set_drop_mode(drop_mode)
         self._sampling = sampling
         self.droppable: list[bool] | None = None  # None: every branch may drop
         self.rate_scale = 1.0  # a factor on every drop rate, for schedules over training; 1: the rates as allocated
@@ -143,6 +136,17 @@ class DropBPHandler:
             raise ValueError(f"expected {len(self.layers)} FLOPs values, got {len(flops)}")
         for layer, f in zip(self.layers, flops):
             layer.flops = float(f)
+
+    def set_drop_mode(self, drop_mode: str) -> None:
+        """What a dropped branch skips from the next forward on: "branch" (its backward) or "weights" (see above)."""
+        if drop_mode not in DROP_MODES:
+            raise ValueError(f"unknown drop_mode {drop_mode!r}: choose {' or '.join(DROP_MODES)}")
+        if self.unbiased and drop_mode == "weights":
+            raise ValueError("unbiased scales a kept branch's whole backward, which would bias the layers below in "
+                             "the weights drop mode: choose one")
+        self.drop_mode = drop_mode
+        for layer in self.layers:
+            layer.weights_only = drop_mode == "weights"
 
     # ------------------------------------------------------------------ decisions
     @property
@@ -288,9 +292,7 @@ class DropBPHandler:
         self.lr_compensation = state["lr_compensation"]
         self.unbiased = state.get("unbiased", False)  # absent in checkpoints written before the option existed
         self._sampling = state.get("sampling")
-        self.drop_mode = state.get("drop_mode", "branch")
-        for layer in self.layers:
-            layer.weights_only = self.drop_mode == "weights"
+        self.set_drop_mode(state.get("drop_mode", "branch"))
         self.droppable = state.get("droppable")
         self.rate_scale = state.get("rate_scale", 1.0)
         self._dropped_flops_sum = state["dropped_flops_sum"]

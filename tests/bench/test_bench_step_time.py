@@ -15,7 +15,7 @@ from lit_gpt.utils import UserError
 
 TINY = Config(name="tiny", n_layer=4, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=128, vocab_size=101,
               padded_vocab_size=101, block_size=32, tie_embeddings=True)  # tied like SmolLM2: LoRA keeps head frozen
-ARGS = dict(drop_rates=[0.5, 0.875, 1.0], pld_theta=0.5, gt_rho=0.7, seq_len=16, micro_batch_size=2, steps=1,
+ARGS = dict(drop_rates=[0.5, 0.875, 1.0], weights_drop_rates=[0.5], pld_theta=0.5, gt_rho=0.7, seq_len=16, micro_batch_size=2, steps=1,
             warmup=0, seed=3)
 
 
@@ -33,12 +33,13 @@ def test_settings_leave_the_model_as_they_found_it(kind, one_thread):
     labels = [s.label for s in settings]
     expected = ["baseline", "DropBP 0.5", "DropBP 0.875", "DropBP 1"]
     expected += ["DropBP 1− (head BW kept)"] if kind == "lora" else []  # a frozen head: p = 1 skips its backward
-    assert labels == expected + ["PLD θ̄=0.5", "GreenTrainer ρ=0.7"]
+    assert labels == expected[:4] + ["weight grads only 0.5"] + expected[4:] + ["PLD θ̄=0.5", "GreenTrainer ρ=0.7"]
     for setting in settings:
         setting.enter()
         step_time.timed_step(model, handler, ids, torch.device("cpu"), setting.keep_head_backward)
         setting.leave()
         assert handler.drop_rates == [0.0] * len(handler.layers) and not any(handler.dropped)
+        assert handler.drop_mode == "branch" and not any(layer.weights_only for layer in handler.layers)
         assert all(block.keep and block.branch_scale == 1.0 for block in model.transformer.h)
         assert [p.requires_grad for p in model.parameters()] == trainable
 
@@ -62,6 +63,8 @@ def test_each_setting_runs_its_chosen_decisions(one_thread):
     assert not any(handler.dropped)  # PLD and GreenTrainer were priced without stale DropBP decisions
     # PLD keeps the whole backward of the blocks it runs; DropBP at p = 1 keeps none of the blocks' backward.
     assert by_label["DropBP 1"].flops < by_label["PLD θ̄=0.5"].flops < by_label["baseline"].flops
+    # Skipping only the weight gradients of half the branches saves less than skipping their whole backward.
+    assert by_label["DropBP 0.5"].flops < by_label["weight grads only 0.5"].flops < by_label["baseline"].flops
     gt = by_label["GreenTrainer ρ=0.7"]
     assert gt.flops < by_label["baseline"].flops and "tensors trained" in gt.note
 
@@ -88,5 +91,5 @@ def test_efficiencies_follow_their_definitions():
 def test_bad_flags_fail_clearly():
     with pytest.raises(UserError, match="choose from full, lora, qlora"):
         step_time.main(methods=["adapter"])
-    with pytest.raises(UserError, match="--drop_rates must lie in"):
+    with pytest.raises(UserError, match="--drop_rates and --weights_drop_rates must lie in"):
         step_time.main(drop_rates=[0.0, 0.5])
