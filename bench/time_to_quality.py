@@ -21,7 +21,11 @@ run, and by `--report_only true`.
 
 A configuration is `baseline` or `dropbp-<p>` followed by any of these options, each after a `+`: `unbiased`,
 `mlp`, `attention` (only those branches drop), `depth`, `flops` (allocators), `uniform` (no calibration),
-`recalibrate` (recalibrate every 15 steps).
+`recalibrate` (recalibrate every 15 steps), `decay`, `ramp` (drop-rate schedules).
+
+A scheduled configuration's step cost changes over the run, so its clean time is not measured but derived: step s
+costs the baseline's clean step plus `drop_rate_scale(s)` times the saving of the same configuration without the
+schedule (which needs both clean step times).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from bench.common import (
     write_results,
 )
 from bench.convergence import REAL_MODEL, add_time_without_calibration, run_note, time_to_reach
+from lit_gpt.schedule import drop_rate_scale
 from lit_gpt.utils import UserError, atomic_write_text, run_cli
 
 CONFIG_OPTIONS = {
@@ -141,9 +146,8 @@ def summarise(runs: list[dict], seeds: list[int], clean: dict | None = None) -> 
         grid = {r["learning_rate"]: r["history"][-1]["val_loss"]
                 for r in runs if r["config"] == config and r["seed"] == seeds[0]}
         finals = [r["history"][-1]["val_loss"] for r in at_best]
-        if clean and config in clean:
-            for r in at_best:
-                add_clean_seconds(r, clean[config])
+        for r in at_best:
+            add_clean_seconds(r, config, clean or {})
         summary["configs"][config] = {"best_learning_rate": best, "grid": dict(sorted(grid.items())),
                                       "seeds": [r["seed"] for r in at_best], "final_losses": finals,
                                       "ms_per_step": statistics.median(r["ms_per_step"] for r in at_best),
@@ -165,12 +169,29 @@ def summarise(runs: list[dict], seeds: list[int], clean: dict | None = None) -> 
     return summary
 
 
-def add_clean_seconds(run: dict, clean: dict) -> None:
-    """`clean_seconds` at every validation: the steps so far at the clean step time, plus the calibrations so far."""
+SCHEDULES = ("decay", "ramp")
+
+
+def add_clean_seconds(run: dict, config: str, clean: dict) -> None:
+    """`clean_seconds` at every validation: the steps so far at the clean step costs, plus the calibrations so far.
+
+    Nothing is added when the clean costs it needs are missing (the report then says "not measured").
+    """
+    method, *options = config.split("+")
+    schedule = next((o for o in options if o in SCHEDULES), "constant")
+    constant = "+".join([method] + [o for o in options if o not in SCHEDULES])
+    if constant not in clean or (schedule != "constant" and "baseline" not in clean):
+        return
+    step_ms, calibration_s = clean[constant]["step_ms"], clean[constant]["calibration_s"]
+    base_ms = clean["baseline"]["step_ms"] if schedule != "constant" else step_ms
+    max_steps = run["history"][-1]["step"]
+    cumulative = [0.0]  # ms of steps 0 .. s-1
+    for step in range(max_steps):
+        cumulative.append(cumulative[-1] + base_ms + drop_rate_scale(schedule, step, max_steps) * (step_ms - base_ms))
     calibration_steps = [e["step"] for e in run.get("drop_rate_history", []) if e.get("seconds")]
     for point in run["history"]:
         calibrations = sum(1 for step in calibration_steps if step < point["step"])
-        point["clean_seconds"] = point["step"] * clean["step_ms"] / 1000 + calibrations * clean["calibration_s"]
+        point["clean_seconds"] = cumulative[point["step"]] / 1000 + calibrations * calibration_s
 
 
 def speedup(baseline: list[float | None] | None, method: list[float | None] | None) -> float | None:
@@ -396,7 +417,8 @@ def main(
     common_flags = wordnet_finetune_flags(checkpoint_dir, data_dir, torch_device, global_batch_size, micro_batch_size,
                                           steps, warmup_steps, eval_interval, max_seq_length)
     if measure_steps:
-        clean = measure_step_time(configs, common_flags, work_dir, measure_steps, rounds=2, threads=threads)
+        timed = [c for c in configs if not set(c.split("+")) & set(SCHEDULES)]  # derived from these (see above)
+        clean = measure_step_time(timed, common_flags, work_dir, measure_steps, rounds=2, threads=threads)
         clean_file = Path(out) / STEP_TIME_FILE
         existing = json.loads(clean_file.read_text()) if clean_file.is_file() else {}
         atomic_write_text(clean_file, json.dumps(existing | clean, indent=1))

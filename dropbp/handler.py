@@ -300,5 +300,6 @@ class DropBPHandler:
     def remove(self) -> None:
         """Detach the forward hook; the model then never drops again."""
         self._hook.remove()
+        self.set_drop_mode("branch")
         for layer in self.layers:
-            layer.dropped, layer.grad_scale, layer.weights_only = False, 1.0, False
+            layer.dropped, layer.grad_scale = False, 1.0

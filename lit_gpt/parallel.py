@@ -91,8 +91,9 @@ def shard_model(model: nn.Module, device_mesh) -> nn.Module:
     A unit's weights are gathered for its forward and again for its backward, and its gradients reduce-scattered
     (averaged) after its backward. Frozen and trainable weights may share a unit: only those with a gradient are
     reduce-scattered, and the optimizer only ever sees the trainable ones, so the frozen base of a LoRA model is
-    sharded (a 1/W share per rank) but has no optimizer state. A branch that DropBP drops runs under `no_grad`,
-    so its weights get no gradient and are left out of the reduce-scatter on every rank alike.
+    sharded (a 1/W share per rank) but has no optimizer state. A branch that DropBP drops runs under `no_grad`
+    (or, in the weights drop mode, with its weights frozen for that forward), so its weights get no gradient and are
+    left out of the reduce-scatter on every rank alike.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -107,7 +108,7 @@ def checkpoint_activations(model: nn.Module) -> nn.Module:
     """Keep only each block's input in forward and recompute the block in backward (`--activation_checkpointing`).
 
     The block's own `forward` is wrapped, so parameter names, FSDP units and hooks stay as they are. A dropped
-    branch runs under `no_grad` in the recomputation too: its flag is not redrawn until the next micro-batch.
+    branch is dropped in the recomputation too (its flag is not redrawn until the next micro-batch).
     """
     from torch.utils.checkpoint import checkpoint
 

@@ -50,6 +50,8 @@ class DropBPTrainerMixin:
         super().__init__(*args, **kwargs)
         if sensitivity_at is not None and not 0.0 <= sensitivity_at < 1.0:
             raise ValueError(f"sensitivity_at is a fraction of the optimizer steps in [0, 1), got {sensitivity_at}")
+        if dropbp_handler.drop_mode != "branch":  # calibration prices the branches' whole backward (see apply_dropbp)
+            raise ValueError(f"DropBPTrainer supports drop_mode 'branch' only, got {dropbp_handler.drop_mode!r}")
         self.dropbp_handler = dropbp_handler
         self.dropbp_target = (target_drop_rate if target_drop_rate is not None
                               else getattr(dropbp_handler, "target_drop_rate", max(dropbp_handler.drop_rates)))

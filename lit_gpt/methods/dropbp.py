@@ -233,6 +233,9 @@ class DropBP(TrainingMethod):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["name"] == self.name and "handler" not in state:
             raise UserError("the checkpoint was saved with --drop_rate 0: resume with the same flags")
+        saved_mode = state["handler"].get("drop_mode", "branch")
+        if saved_mode != self.args.drop_mode:  # the branch costs were priced for the flag's mode in `start`
+            raise UserError(f"the checkpoint was trained with --drop_mode {saved_mode}: resume with the same flag")
         super().load_state_dict(state)
         self.handler.load_state_dict(state["handler"])
         self.history = state["history"]

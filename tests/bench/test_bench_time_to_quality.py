@@ -120,6 +120,25 @@ def test_clean_step_times_turn_steps_into_seconds(tmp_path):
     assert "| fast | 0.001 | 1 | 2.0000 ± 0.0000 | 100 | 250 | 2.0 |" in (tmp_path / "time_to_quality.md").read_text()
 
 
+def test_a_scheduled_configuration_is_priced_step_by_step_between_the_baseline_and_its_constant_form(tmp_path):
+    def five_steps(config: str) -> dict:  # validations at steps 0, 2 and 5
+        run = record(config, 1e-3, 1, [(0, 4.0), (2, 3.0), (5, 2.0)])
+        for point, step in zip(run["history"], (0, 2, 5)):
+            point["step"] = step
+        return run
+
+    write(tmp_path, five_steps("baseline"), five_steps("dropbp-0.5+decay"), five_steps("dropbp-0.5+ramp"))
+    clean = {"baseline": {"step_ms": 1000.0, "calibration_s": 0.0},
+             "dropbp-0.5": {"step_ms": 600.0, "calibration_s": 0.0}}
+    (tmp_path / ttq.STEP_TIME_FILE).write_text(json.dumps(clean))
+    configs = ttq.report(tmp_path, [1e-3], [1], "a machine")["configs"]
+    # 5 steps, scale 1, .75, .5, .25, 0 (decay): each step costs 1000 - 400 * scale ms
+    assert configs["dropbp-0.5+decay"]["clean_seconds_to_best"] == [pytest.approx((600 + 700 + 800 + 900 + 1000) / 1000)]
+    assert configs["dropbp-0.5+ramp"]["clean_seconds_to_best"] == [pytest.approx((1000 + 900 + 800 + 700 + 600) / 1000)]
+    points = configs["dropbp-0.5+decay"]["runs"][0]["history"]
+    assert [p["clean_seconds"] for p in points] == pytest.approx([0.0, 1.3, 4.0])
+
+
 def test_clean_time_columns_say_not_measured_rather_than_not_reached(tmp_path):
     write(tmp_path, record("baseline", 1e-3, 1, [(0, 4.0), (10, 3.0)]))
     summary = ttq.report(tmp_path, [1e-3], [1], "a machine")

@@ -398,6 +398,10 @@ def test_the_rate_scale_multiplies_every_draw_and_the_unbiased_scale_but_keeps_t
     assert kept.grad_scale == pytest.approx(1 / 0.6)
     handler.set_rate_scale(0.0)
     assert not any(handler.draw(step).any() for step in range(50))
+    compensated = DropBPHandler(model, lr_compensation=True)
+    compensated.set_drop_rates([0.8] * 4)
+    compensated.set_rate_scale(0.5)
+    assert compensated.lr_multiplier(0) == pytest.approx(1 / 0.6)
     with pytest.raises(ValueError, match=r"rate scale must lie in \[0, 1\]"):
         handler.set_rate_scale(1.5)
 
@@ -506,3 +510,36 @@ def test_the_weights_mode_allocates_over_the_weight_gradient_savings(tmp_path):
     assert method.handler.branch_flops == pytest.approx(CostModel(model).branch_weight_grad_flops(16))
     assert all(layer.weights_only for layer in method.handler.layers)
     assert method.history[0]["drop_mode"] == "weights"
+
+
+def test_the_weights_mode_keeps_fewer_activations_than_a_kept_branch_but_more_than_a_dropped_one():
+    model = tiny_gpt(n_layer=2)
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    weight_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_activation_bytes(drop_mode: str, p: float) -> int:
+        handler = DropBPHandler(model, drop_mode=drop_mode)
+        handler.set_initial_drop_rate(p)
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            if t.untyped_storage().data_ptr() not in weight_storages:  # weights are kept anyway
+                total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids)
+        handler.remove()
+        return total
+
+    kept, weights_dropped, dropped = (saved_activation_bytes("branch", 0.0), saved_activation_bytes("weights", 1.0),
+                                      saved_activation_bytes("branch", 1.0))
+    # The linears' inputs are no longer kept, but what the input gradient needs (activations, attention) is.
+    assert dropped < weights_dropped < 0.9 * kept, (dropped, weights_dropped, kept)
+
+
+def test_resuming_with_another_drop_mode_is_refused(tmp_path):
+    state = started(DropBPArgs(drop_rate=0.5, drop_mode="weights"), tmp_path).state_dict()
+    with pytest.raises(UserError, match="--drop_mode weights: resume with the same flag"):
+        started(DropBPArgs(drop_rate=0.5), tmp_path).load_state_dict(state)

@@ -401,3 +401,19 @@ def test_fsdp_on_one_device_trains_like_auto_and_writes_a_checkpoint_that_loads(
     assert_same_weights(*(torch.load(path / "rank0_grads.pth", weights_only=True) for path in (fsdp_dir, auto_dir)))
     # final/ loads like any one-process run's, with the weights the run ended with
     assert_same_weights(load_finetuned(setup_dir["root"] / "out-one-fsdp" / "final").state_dict(), fsdp_weights)
+
+
+def test_fsdp_in_the_weights_drop_mode_matches_one_process(setup_dir):
+    # The dropped branches' weights are frozen only for their forward; FSDP gathers and reduce-scatters around that.
+    weights_mode = [*CALIBRATED, "--drop_mode", "weights"]
+    (fsdp_dir,) = run_jobs(setup_dir, [("fsdp-weights", "full", [*weights_mode, *FSDP], None)], timeout=240)
+    (single_dir,) = run_jobs(setup_dir, [("single-weights", "full", [*weights_mode, "--train.micro_batch_size", "4"],
+                                          None)], devices=1, timeout=240)
+    (rank0, weights0), (rank1, weights1) = records(fsdp_dir)
+    ((single, single_weights),) = records(single_dir, world_size=1)
+    assert rank0["decisions"] == rank1["decisions"] == single["decisions"]
+    assert rank0["sensitivities"] is not None and rank0["drop_rates"] == single["drop_rates"]
+    assert_same_weights(weights0, weights1)
+    assert_same_weights(weights0, single_weights, exact=False)
+    assert_same_gradients(torch.load(fsdp_dir / "rank0_grads.pth", weights_only=True),
+                          torch.load(single_dir / "rank0_grads.pth", weights_only=True))

@@ -106,11 +106,13 @@ def test_sensitivity_none_keeps_the_rates_uniform(tiny, tmp_path):
     assert state["method"]["handler"]["step"] == 10 * 2  # one decision per micro-batch
 
 
-@pytest.mark.parametrize("kind", ["lora", "full"])
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny, tmp_path, monkeypatch, capsys, kind):
+@pytest.mark.parametrize("kind, variant", [("lora", []), ("full", []),
+                                           ("full", ["--drop_mode", "weights", "--drop_schedule", "decay"])],
+                         ids=["lora", "full", "full-weights-decay"])
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny, tmp_path, monkeypatch, capsys, kind, variant):
     # LoRA dropout uses the global RNG, so an exact match also proves the RNG state is restored;
     # calibration at step 4 happens right after the resume.
-    extra = ["--train.save_interval", "4", "--sensitivity_at", "0.5", "--train.learning_rate", "1e-2"]
+    extra = ["--train.save_interval", "4", "--sensitivity_at", "0.5", "--train.learning_rate", "1e-2", *variant]
     if kind == "lora":
         extra += ["--lora.dropout", "0.1"]
     cli(kind, argv=flags(tiny, tmp_path / "straight", *extra, steps=8))

@@ -187,6 +187,16 @@ def test_trainer_skips_backward_when_every_adapter_branch_is_dropped(tmp_path, o
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_trainer_refuses_the_weights_drop_mode_it_cannot_price(tmp_path):
+    from dropbp.integrations.trainer import DropBPTrainer
+
+    model = make_model()
+    handler = apply_dropbp(model, drop_rate=0.5)
+    handler.set_drop_mode("weights")
+    with pytest.raises(ValueError, match="drop_mode 'branch' only"):
+        DropBPTrainer(model=model, args=training_args(tmp_path), train_dataset=pattern_dataset(), dropbp_handler=handler)
+
+
 def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
