@@ -374,8 +374,8 @@ def main(
     torch_device = resolve_device(device)
     torch_dtype = parse_dtype(dtype) or default_dtype(torch_device)
     config = Config.from_name(model_name, block_size=max(seq_len, 1))
-    args = dict(drop_rates=drop_rates, weights_drop_rates=weights_drop_rates, pld_theta=pld_theta, gt_rho=gt_rho, seq_len=seq_len,
-                micro_batch_size=micro_batch_size, steps=steps, warmup=warmup, seed=seed)
+    args = dict(drop_rates=drop_rates, weights_drop_rates=weights_drop_rates, pld_theta=pld_theta, gt_rho=gt_rho,
+                seq_len=seq_len, micro_batch_size=micro_batch_size, steps=steps, warmup=warmup, seed=seed)
     rows = []
     for kind in methods:
         print(f"timing {kind} ...", flush=True)

@@ -15,8 +15,8 @@ from lit_gpt.utils import UserError
 
 TINY = Config(name="tiny", n_layer=4, n_head=4, n_query_groups=2, n_embd=64, intermediate_size=128, vocab_size=101,
               padded_vocab_size=101, block_size=32, tie_embeddings=True)  # tied like SmolLM2: LoRA keeps head frozen
-ARGS = dict(drop_rates=[0.5, 0.875, 1.0], weights_drop_rates=[0.5], pld_theta=0.5, gt_rho=0.7, seq_len=16, micro_batch_size=2, steps=1,
-            warmup=0, seed=3)
+ARGS = dict(drop_rates=[0.5, 0.875, 1.0], weights_drop_rates=[0.5], pld_theta=0.5, gt_rho=0.7, seq_len=16,
+            micro_batch_size=2, steps=1, warmup=0, seed=3)
 
 
 def tiny_settings(kind: str):

@@ -133,8 +133,8 @@ def test_a_scheduled_configuration_is_priced_step_by_step_between_the_baseline_a
     (tmp_path / ttq.STEP_TIME_FILE).write_text(json.dumps(clean))
     configs = ttq.report(tmp_path, [1e-3], [1], "a machine")["configs"]
     # 5 steps, scale 1, .75, .5, .25, 0 (decay): each step costs 1000 - 400 * scale ms
-    assert configs["dropbp-0.5+decay"]["clean_seconds_to_best"] == [pytest.approx((600 + 700 + 800 + 900 + 1000) / 1000)]
-    assert configs["dropbp-0.5+ramp"]["clean_seconds_to_best"] == [pytest.approx((1000 + 900 + 800 + 700 + 600) / 1000)]
+    assert configs["dropbp-0.5+decay"]["clean_seconds_to_best"] == [pytest.approx((600 + 700 + 800 + 900 + 1000) / 1e3)]
+    assert configs["dropbp-0.5+ramp"]["clean_seconds_to_best"] == [pytest.approx((1000 + 900 + 800 + 700 + 600) / 1e3)]
     points = configs["dropbp-0.5+decay"]["runs"][0]["history"]
     assert [p["clean_seconds"] for p in points] == pytest.approx([0.0, 1.3, 4.0])
 

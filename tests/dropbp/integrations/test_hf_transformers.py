@@ -194,7 +194,8 @@ def test_trainer_refuses_the_weights_drop_mode_it_cannot_price(tmp_path):
     handler = apply_dropbp(model, drop_rate=0.5)
     handler.set_drop_mode("weights")
     with pytest.raises(ValueError, match="drop_mode 'branch' only"):
-        DropBPTrainer(model=model, args=training_args(tmp_path), train_dataset=pattern_dataset(), dropbp_handler=handler)
+        DropBPTrainer(model=model, args=training_args(tmp_path), train_dataset=pattern_dataset(),
+                      dropbp_handler=handler)
 
 
 def tiny_tokenizer():
